@@ -1,0 +1,100 @@
+"""SEPIT configuration: an ESM-2 protein encoder, its structure module, a projector and a causal LM."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+# Mixture-of-experts fields live on the text config, where TRL and `load_balancing_loss_func` read them.
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "norm_topk_prob", "output_router_logits")
+MOE_DEFAULTS = {
+    "num_experts": None,
+    "num_experts_per_tok": 1,
+    "router_aux_loss_coef": 0.01,
+    "norm_topk_prob": True,
+    "output_router_logits": False,
+}
+
+
+@strict
+class SepitConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SepitForConditionalGeneration`].
+
+    Args:
+        protein_config (`EsmConfig` or `dict`): the ESM-2 encoder.
+        text_config (`PreTrainedConfig` or `dict`): any causal LM (Llama, Qwen2, Mistral, ...), resolved with
+            `AutoConfig`.
+        protein_token_id (`int`): id of the `<protein>` placeholder in the LLM vocabulary; the processor expands one
+            per protein feature position.
+        protein_feature_layer (`int`): which ESM hidden state is projected (-2: one layer below the top).
+        projector_hidden_act (`str`): activation between the two projector layers.
+        num_gaussian_kernels (`int`): Gaussian basis functions over pairwise C-alpha distances.
+        structure_embedding_scale (`float`): scale of the structural term added to the residue embeddings.
+        structure_pairs_per_chunk (`int`): residue pairs whose kernels are expanded at once; bounds the structure
+            module's memory independently of `num_gaussian_kernels`.
+        original_compat (`bool`): reproduce the original release (converted checkpoints): every padded protein position
+            is spliced and attended, the structure bias covers the `[1:-1]` block of the padded length with
+            coordinate-less queries included, and embeddings of pad-id tokens are zeroed.
+        num_experts, num_experts_per_tok, router_aux_loss_coef, norm_topk_prob, output_router_logits: mixture of
+            experts in every LLM feed-forward (`num_experts=None`: dense). Written to `text_config`, which the model
+            and TRL read; the top-level copies mirror it.
+    """
+
+    model_type = "sepit"
+    sub_configs_defaults = {
+        "protein_config": SubConfigSpec(config_class=AutoConfig, model_type="esm"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    protein_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    protein_token_id: int = 32000
+    protein_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"
+    num_gaussian_kernels: int = 128
+    structure_embedding_scale: float = 0.01
+    structure_pairs_per_chunk: int = 32768
+    original_compat: bool = False
+    tie_word_embeddings: bool = False
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    router_aux_loss_coef: float | None = None
+    norm_topk_prob: bool | None = None
+    output_router_logits: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        for name in MOE_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self.text_config, name, value)
+            elif getattr(self.text_config, name, None) is None:
+                setattr(self.text_config, name, MOE_DEFAULTS[name])
+            # Mirrored for reading; the model and TRL read the text config.
+            setattr(self, name, getattr(self.text_config, name))
+        self.validate_sepit()
+
+    def validate_sepit(self) -> None:
+        """Fail at construction, naming the field, rather than with a shape error deep in the model."""
+        if self.protein_config.model_type != "esm":
+            raise ValueError(f"protein_config.model_type must be 'esm' (an ESM-2 config), got {self.protein_config.model_type!r}")
+        layers = self.protein_config.num_hidden_layers
+        if not -(layers + 1) <= self.protein_feature_layer <= layers:
+            raise ValueError(f"protein_feature_layer={self.protein_feature_layer} is outside [-{layers + 1}, {layers}]")
+        if self.num_gaussian_kernels < 1:
+            raise ValueError(f"num_gaussian_kernels must be >= 1, got {self.num_gaussian_kernels}")
+        if self.structure_pairs_per_chunk < 1:
+            raise ValueError(f"structure_pairs_per_chunk must be >= 1, got {self.structure_pairs_per_chunk}")
+        experts = self.text_config.num_experts
+        if experts is not None:
+            if experts < 1:
+                raise ValueError(f"num_experts must be >= 1 or None (dense), got {experts}")
+            if not 1 <= self.text_config.num_experts_per_tok <= experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be in [1, num_experts={experts}], got {self.text_config.num_experts_per_tok}"
+                )
+
+
+__all__ = ["SepitConfig"]

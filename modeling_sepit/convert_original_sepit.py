@@ -1,0 +1,210 @@
+"""Convert a checkpoint in the original SEPIT release layout (`model_type: "pit"`, DeepSpeed expert pickles) into a
+SEPIT-HF folder that `SepitForConditionalGeneration.from_pretrained` loads.
+
+    python -m modeling_sepit.convert_original_sepit --input_dir ORIGINAL --output_dir CONVERTED
+
+The converted model runs in `original_compat` mode, which reproduces the release's outputs (see `SepitConfig`).
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, EsmConfig, HfArgumentParser
+
+from .configuration_sepit import SepitConfig
+from .modeling_sepit import SepitForConditionalGeneration
+
+EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+EXPERT_KEY = re.compile(
+    r"text_model\.model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+_proj)\.weight"
+)
+# Original key (regex) -> SEPIT-HF key; the first match wins. None drops the key.
+KEY_RENAMES = (
+    (r"protein_model\.structure_bias\.gbf\.(means|stds)", r"model.structure_module.gaussian_kernels.\1"),
+    (r"protein_model\.structure_bias\.gbf_proj\.layer1\.", "model.structure_module.kernel_proj_in."),
+    (r"protein_model\.structure_bias\.gbf_proj\.layer2\.", "model.structure_module.kernel_proj_out."),
+    (r"protein_model\.structure_bias\.edge_proj\.", "model.structure_module.embedding_proj."),
+    (r"protein_model\.encoder\.layer\.0\.attention\.self\.rotary_embeddings\.inv_freq", "model.protein_model.rotary_embeddings.inv_freq"),
+    (r"protein_model\.encoder\.layer\.\d+\.attention\.self\.rotary_embeddings\.inv_freq", None),
+    (r"protein_model\.pooler\.", None),
+    (r"protein_model\.", "model.protein_model."),
+    (r"multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"text_model\.model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.", r"model.language_model.layers.\1.mlp.gate."),
+    (r"text_model\.model\.", "model.language_model."),
+    (r"text_model\.lm_head\.", "lm_head."),
+)
+
+
+@dataclass
+class ConversionArguments:
+    input_dir: str = field(metadata={"help": "Folder in the original release layout (config.json with model_type 'pit')."})
+    output_dir: str = field(metadata={"help": "Where to write the SEPIT-HF folder (replaced atomically)."})
+
+
+def read_original_config(input_dir: Path) -> dict:
+    config_path = input_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"input_dir: {input_dir} has no config.json; expected an original SEPIT release folder")
+    try:
+        original = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"input_dir: {config_path} is not valid JSON ({error})") from error
+    if original.get("model_type") != "pit":
+        raise ValueError(
+            f"input_dir: {config_path} has model_type {original.get('model_type')!r}; the original release uses 'pit'"
+        )
+    for key in ("protein_config", "text_config", "protein_token_index"):
+        if key not in original:
+            raise ValueError(f"input_dir: {config_path} lacks {key!r}, which every original release config has")
+    return original
+
+
+def sepit_config_from_original(original: dict, num_kernels: int) -> SepitConfig:
+    """The SEPIT-HF config that reproduces the original model (`original_compat`, no embedding term)."""
+    strategy = original.get("protein_feature_select_strategy", "full")
+    if strategy != "full":
+        raise ValueError(f"protein_feature_select_strategy {strategy!r} is not supported; the release uses 'full'")
+    text_config = dict(original["text_config"])
+    # Pad is eos in the release; the text config itself leaves it unset.
+    text_config["pad_token_id"] = original.get("pad_token_id", original.get("eos_token_id"))
+    moe = {}
+    if original.get("use_moe"):
+        moe_config = original.get("moe_config") or {}
+        if "num_experts" not in moe_config or "k" not in moe_config:
+            raise ValueError("config.json: use_moe is true but moe_config lacks num_experts or k")
+        moe = {
+            "num_experts": moe_config["num_experts"],
+            "num_experts_per_tok": moe_config["k"],
+            "router_aux_loss_coef": moe_config.get("router_aux_loss_coef", 0.01),
+            "norm_topk_prob": False,
+        }
+    return SepitConfig(
+        protein_config=EsmConfig.from_dict(original["protein_config"]),
+        text_config=text_config,
+        protein_token_id=original["protein_token_index"],
+        protein_feature_layer=original.get("protein_feature_layer", -2),
+        projector_hidden_act=original.get("projector_hidden_act", "gelu"),
+        num_gaussian_kernels=num_kernels,
+        structure_embedding_scale=0.0,
+        original_compat=True,
+        **moe,
+    )
+
+
+def rename_key(key: str) -> str | None:
+    for pattern, replacement in KEY_RENAMES:
+        if re.match(pattern, key):
+            return None if replacement is None else re.sub(pattern, replacement, key, count=1)
+    raise ValueError(f"model.safetensors: unexpected tensor {key!r} in an original SEPIT checkpoint")
+
+
+def read_original_weights(input_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` under SEPIT-HF names (experts live elsewhere)."""
+    weights_path = input_dir / "model.safetensors"
+    if not weights_path.is_file():
+        raise ValueError(f"input_dir: {input_dir} has no model.safetensors")
+    state_dict = {}
+    with safe_open(weights_path, framework="pt") as weights:
+        for key in weights.keys():
+            new_key = rename_key(key)
+            if new_key is not None:
+                state_dict[new_key] = weights.get_tensor(key)
+    for name in ("means", "stds"):
+        key = f"model.structure_module.gaussian_kernels.{name}"
+        if key in state_dict:
+            state_dict[key] = state_dict[key].reshape(-1)
+    return state_dict
+
+
+def read_experts(input_dir: Path, config: SepitConfig) -> dict[str, torch.Tensor]:
+    """Expert weights from the DeepSpeed `global_step*/` pickles, read with `weights_only=True`."""
+    step_dirs = sorted(p for p in input_dir.glob("global_*") if p.is_dir())
+    if len(step_dirs) != 1:
+        raise ValueError(
+            f"input_dir: an MoE checkpoint needs exactly one global_step*/ folder of expert weights, found "
+            f"{[p.name for p in step_dirs]}"
+        )
+    experts = {}
+    for layer in range(config.text_config.num_hidden_layers):
+        for expert in range(config.num_experts):
+            path = step_dirs[0] / EXPERT_FILE.format(layer=layer, expert=expert)
+            if not path.is_file():
+                raise ValueError(f"{step_dirs[0].name}: missing expert file {path.name} (layer {layer}, expert {expert})")
+            try:
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise ValueError(f"{path}: not a readable weights-only expert pickle ({error})") from error
+            for key, tensor in tensors.items():
+                match = EXPERT_KEY.fullmatch(key)
+                if match is None or (int(match[1]), int(match[2])) != (layer, expert):
+                    raise ValueError(f"{path.name}: unexpected tensor {key!r} for layer {layer}, expert {expert}")
+                experts[f"model.language_model.layers.{layer}.mlp.experts.{expert}.{match[3]}.weight"] = tensor
+    return experts
+
+
+def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> SepitForConditionalGeneration:
+    """Convert and write `output_dir` atomically (a crash leaves any previous folder intact)."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    original = read_original_config(input_dir)
+    state_dict = read_original_weights(input_dir)
+    means = state_dict.get("model.structure_module.gaussian_kernels.means")
+    if means is None:
+        raise ValueError("model.safetensors: no structure_bias.gbf.means; sequence-only checkpoints are not supported")
+    config = sepit_config_from_original(original, num_kernels=means.numel())
+    if config.num_experts is not None:
+        state_dict.update(read_experts(input_dir, config))
+    if config.protein_config.position_embedding_type != "absolute":
+        # transformers 4.x kept an unused absolute-position table in rotary ESM models.
+        state_dict.pop("model.protein_model.embeddings.position_embeddings.weight", None)
+    model = SepitForConditionalGeneration(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the SEPIT model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        for name in ("text_tokenizer", "protein_tokenizer"):
+            source = input_dir / name
+            if source.is_dir():
+                target = staging if name == "text_tokenizer" else staging / name
+                AutoTokenizer.from_pretrained(source).save_pretrained(target)
+        if output_dir.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+            os.replace(output_dir, backup / output_dir.name)
+            os.replace(staging, output_dir)
+            shutil.rmtree(backup)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(ConversionArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        convert(args.input_dir, args.output_dir)
+    except ValueError as error:
+        print(f"convert_original_sepit: error: {error}", file=sys.stderr)
+        return 2
+    print(f"converted {args.input_dir} -> {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Sparse mixture of experts for the LLM feed-forwards, and upcycling a dense LLM into it (SEPIT stage 2)."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig
+
+
+class SepitTopKRouter(nn.Module):
+    """Softmax router over experts; its logits are recorded for the load-balancing loss."""
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        top_weights, top_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_weights, top_index
+
+
+class SepitSparseMoeBlock(nn.Module):
+    """`num_experts` copies of a gated MLP (`gate_proj/up_proj/down_proj`) with top-k routing, as in Mixtral."""
+
+    def __init__(self, config: PreTrainedConfig, dense_mlp: nn.Module):
+        super().__init__()
+        self.gate = SepitTopKRouter(config)
+        self.experts = nn.ModuleList(copy.deepcopy(dense_mlp) for _ in range(config.num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, hidden_dim)
+        _, top_weights, top_index = self.gate(hidden_states)
+        output = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_index, num_classes=len(self.experts)).permute(2, 1, 0)
+            experts_hit = (expert_mask.sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+        for expert_idx in experts_hit:
+            slot, token_idx = torch.where(expert_mask[expert_idx])
+            expert_out = self.experts[expert_idx](hidden_states[token_idx])
+            expert_out = expert_out * top_weights[token_idx, slot, None].to(expert_out.dtype)
+            output.index_add_(0, token_idx, expert_out.to(output.dtype))
+        return output.reshape(batch_size, sequence_length, hidden_dim)
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal-LM backbone (Llama, Qwen2, Mistral, ...)."""
+    layers = getattr(language_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(language_model).__name__} has no `layers` list: cannot place experts in its FFNs")
+    return layers
+
+
+def check_gated_mlp(mlp: nn.Module) -> None:
+    missing = [name for name in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, name)]
+    if missing:
+        raise ValueError(
+            f"{type(mlp).__name__} lacks {missing}: only Llama-style gated MLPs (gate_proj/up_proj/down_proj) can be "
+            "turned into experts"
+        )
+
+
+def build_moe_layers(language_model: nn.Module, text_config: PreTrainedConfig) -> None:
+    """Replace every FFN by an (uninitialised-router) MoE block: the layout of an MoE checkpoint before loading."""
+    for layer in decoder_layers(language_model):
+        check_gated_mlp(layer.mlp)
+        layer.mlp = SepitSparseMoeBlock(text_config, layer.mlp)
+
+
+__all__ = ["SepitSparseMoeBlock", "SepitTopKRouter", "build_moe_layers", "check_gated_mlp", "decoder_layers"]

@@ -1,0 +1,439 @@
+"""SEPIT: a structure-aware ESM-2 encoder whose per-residue features are spliced into a causal LM."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, EsmModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from .configuration_sepit import SepitConfig
+from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, build_moe_layers, check_gated_mlp, decoder_layers
+from .modeling_structure import SepitGaussianKernels, SepitStructureModule
+
+PROTEIN_INPUT_NAMES = ("protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coords_mask")
+
+
+@dataclass
+class SepitModelOutputWithPast(ModelOutput):
+    """
+    last_hidden_state: LLM hidden states, same length as `input_ids`.
+    router_logits: per MoE layer, (tokens, num_experts) router logits, when `output_router_logits`.
+    protein_features: projected protein features (feature positions, LLM width) spliced into the sequence.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    protein_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class SepitCausalLMOutputWithPast(ModelOutput):
+    """`loss` includes `router_aux_loss_coef * aux_loss` when router logits are requested."""
+
+    loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    protein_features: torch.FloatTensor | None = None
+
+
+class SepitMultiModalProjector(nn.Module):
+    """Two-layer MLP from the ESM width to the LLM width."""
+
+    def __init__(self, config: SepitConfig):
+        super().__init__()
+        text_hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.protein_config.hidden_size, text_hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+
+    def forward(self, protein_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(protein_features)))
+
+
+class SepitPreTrainedModel(PreTrainedModel):
+    config: SepitConfig
+    base_model_prefix = "model"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SepitGaussianKernels):
+            # As in the release: means and widths uniform in [0, 3).
+            init.uniform_(module.means, 0.0, 3.0)
+            init.uniform_(module.stds, 0.0, 3.0)
+        elif isinstance(module, SepitTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_range)
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
+        if getattr(type(self), "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModelForCausalLM"] = f"modeling_sepit.{SepitForConditionalGeneration.__name__}"
+            self.config.auto_map = auto_map
+        super().save_pretrained(*args, **kwargs)
+
+
+class SepitModel(SepitPreTrainedModel):
+    """Encoder + structure module + projector + LLM backbone; splices protein features at `<protein>` tokens."""
+
+    def __init__(self, config: SepitConfig):
+        super().__init__(config)
+        self.protein_model = EsmModel(config.protein_config, add_pooling_layer=False)
+        self.structure_module = SepitStructureModule(config)
+        self.multi_modal_projector = SepitMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.text_config.num_experts is not None:
+            build_moe_layers(self.language_model, config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_protein_features(
+        self,
+        protein_input_ids: torch.LongTensor,
+        protein_attention_mask: torch.Tensor | None = None,
+        protein_coords: torch.Tensor | None = None,
+        protein_coords_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected features of every feature position, flattened to (positions, LLM width) in protein order.
+
+        Feature positions are the tokens with `protein_attention_mask == 1` (`<cls>`, residues, `<eos>`), or every
+        padded position under `original_compat`.
+        """
+        if protein_attention_mask is None:
+            protein_attention_mask = torch.ones_like(protein_input_ids)
+        protein_attention_mask = protein_attention_mask.to(torch.long)
+        coords_mask = validate_protein_inputs(
+            protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
+        )
+        embeddings = self.protein_model.embeddings(input_ids=protein_input_ids, attention_mask=protein_attention_mask)
+        encoder_mask = protein_attention_mask
+        if coords_mask is not None:
+            attention_bias, embedding_term = self.structure_module(protein_coords, coords_mask)
+            if embedding_term is not None:
+                embeddings = embeddings + embedding_term.to(embeddings.dtype)
+            if attention_bias is not None:
+                # An additive float mask carries the bias through the attention interface (eager and SDPA).
+                padding = protein_attention_mask[:, None, None, :] == 0
+                encoder_mask = attention_bias.to(embeddings.dtype).masked_fill(padding, torch.finfo(embeddings.dtype).min)
+        encoder_outputs = self.protein_model(
+            inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=True, return_dict=True
+        )
+        selected = encoder_outputs.hidden_states[self.config.protein_feature_layer]
+        if not self.config.original_compat:
+            selected = selected[protein_attention_mask.bool()]
+        return self.multi_modal_projector(selected.reshape(-1, selected.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        protein_input_ids: torch.LongTensor | None = None,
+        protein_attention_mask: torch.Tensor | None = None,
+        protein_coords: torch.FloatTensor | None = None,
+        protein_coords_mask: torch.BoolTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool = False,
+        **kwargs,
+    ) -> SepitModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if self.config.original_compat:
+                # The release zeroes the embeddings of pad-id tokens (pad is eos there).
+                is_pad = input_ids == self.config.text_config.pad_token_id
+                inputs_embeds = inputs_embeds.masked_fill(is_pad.unsqueeze(-1), 0.0)
+
+        protein_features = None
+        placeholder = input_ids == self.config.protein_token_id if input_ids is not None else None
+        if protein_input_ids is not None:
+            if placeholder is None:
+                raise ValueError("`protein_input_ids` need `input_ids`, where `<protein>` tokens mark their places.")
+            protein_features = self.get_protein_features(
+                protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
+            )
+            placeholders = int(placeholder.sum())
+            if placeholders != protein_features.shape[0]:
+                raise ValueError(
+                    f"`input_ids` hold {placeholders} `<protein>` tokens but the {protein_input_ids.shape[0]} proteins "
+                    f"in `protein_input_ids` have {protein_features.shape[0]} feature positions: build inputs with "
+                    "SepitProcessor, which expands each `<protein>` to its protein's feature positions."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.dtype)
+            )
+        elif placeholder is not None and bool(placeholder.any()):
+            decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+            if not decoding:
+                raise ValueError(
+                    "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
+                    "(SepitProcessor returns them) or remove the `<protein>` tags."
+                )
+
+        router_logits: list[torch.Tensor] = []
+        # The routers sit inside the LLM backbone, whose own output capturing does not know them: record them here.
+        hooks = [
+            router.register_forward_hook(lambda _module, _args, output: router_logits.append(output[0]))
+            for router in self.language_model.modules()
+            if output_router_logits and isinstance(router, SepitTopKRouter)
+        ]
+        try:
+            outputs = self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return SepitModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=tuple(router_logits) if output_router_logits else None,
+            protein_features=protein_features,
+        )
+
+
+def validate_protein_inputs(
+    protein_input_ids: torch.Tensor,
+    protein_attention_mask: torch.Tensor,
+    protein_coords: torch.Tensor | None,
+    protein_coords_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Check the protein tensors against each other; return the coordinate mask (None without coordinates)."""
+    if protein_input_ids.ndim != 2:
+        raise ValueError(
+            f"protein_input_ids must be (num_proteins, P), got shape {tuple(protein_input_ids.shape)}"
+        )
+    shape = tuple(protein_input_ids.shape)
+    if tuple(protein_attention_mask.shape) != shape:
+        raise ValueError(
+            f"protein_attention_mask has shape {tuple(protein_attention_mask.shape)}; it must match "
+            f"protein_input_ids {shape}"
+        )
+    if protein_coords is None:
+        if protein_coords_mask is not None and bool(protein_coords_mask.any()):
+            raise ValueError("protein_coords_mask marks residues with coordinates but protein_coords is missing")
+        return None
+    if tuple(protein_coords.shape) != (*shape, 3):
+        raise ValueError(
+            f"protein_coords must have shape (num_proteins, P, 3) = {(*shape, 3)} aligned with protein_input_ids, "
+            f"got {tuple(protein_coords.shape)}"
+        )
+    if protein_coords_mask is None:
+        protein_coords_mask = torch.isfinite(protein_coords).all(-1)
+    elif tuple(protein_coords_mask.shape) != shape:
+        raise ValueError(
+            f"protein_coords_mask must have shape (num_proteins, P) = {shape}, got {tuple(protein_coords_mask.shape)}"
+        )
+    coords_mask = protein_coords_mask.bool() & protein_attention_mask.bool()
+    bad = coords_mask & ~torch.isfinite(protein_coords).all(-1)
+    if bool(bad.any()):
+        protein, position = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"protein_coords has NaN/inf at protein {protein}, position {position} where protein_coords_mask says the "
+            "residue has coordinates: set the mask to False there"
+        )
+    return coords_mask
+
+
+class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
+    """SEPIT with its LM head: answers questions about proteins given by sequence and optionally structure."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: SepitConfig):
+        super().__init__(config)
+        self.model = SepitModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        protein_input_ids: torch.LongTensor | None = None,
+        protein_attention_mask: torch.Tensor | None = None,
+        protein_coords: torch.FloatTensor | None = None,
+        protein_coords_mask: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SepitCausalLMOutputWithPast:
+        text_config = self.config.text_config
+        moe = text_config.num_experts is not None
+        if output_router_logits is None:
+            output_router_logits = moe and text_config.output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            protein_input_ids=protein_input_ids,
+            protein_attention_mask=protein_attention_mask,
+            protein_coords=protein_coords,
+            protein_coords_mask=protein_coords_mask,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits and moe,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits and moe:
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + text_config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return SepitCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            protein_features=outputs.protein_features,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # The encoder runs once per request: decoding steps read the proteins from the KV cache.
+            for name in PROTEIN_INPUT_NAMES:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    def upcycle_to_moe(
+        self,
+        num_experts: int = 4,
+        num_experts_per_tok: int = 1,
+        norm_topk_prob: bool = True,
+        router_aux_loss_coef: float = 0.01,
+    ) -> "SepitForConditionalGeneration":
+        """Turn every dense LLM FFN into `num_experts` copies of itself behind a new router (SEPIT stage 2).
+
+        With `norm_topk_prob=True` the upcycled model computes what the dense one did, whatever the router says.
+        """
+        text_config = self.config.text_config
+        if text_config.num_experts is not None:
+            raise ValueError(f"the LLM already has {text_config.num_experts} experts per FFN")
+        if not 1 <= num_experts_per_tok <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {num_experts_per_tok}")
+        layers = decoder_layers(self.model.language_model)
+        for layer in layers:
+            check_gated_mlp(layer.mlp)
+        settings = {
+            "num_experts": num_experts,
+            "num_experts_per_tok": num_experts_per_tok,
+            "norm_topk_prob": norm_topk_prob,
+            "router_aux_loss_coef": router_aux_loss_coef,
+        }
+        for name, value in settings.items():
+            setattr(text_config, name, value)
+            setattr(self.config, name, value)
+        reference = next(self.model.language_model.parameters())
+        for layer in layers:
+            block = SepitSparseMoeBlock(text_config, layer.mlp).to(device=reference.device, dtype=reference.dtype)
+            self._init_weights(block.gate)
+            layer.mlp = block
+        return self
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        protein_model_name_or_path: str,
+        text_model_name_or_path: str,
+        protein_token_id: int | None = None,
+        **kwargs,
+    ) -> "SepitForConditionalGeneration":
+        """A SEPIT model from an ESM-2 checkpoint and a causal-LM checkpoint (names or paths, as for
+        `from_pretrained`), with a fresh structure module and projector.
+
+        Without `protein_token_id`, one embedding row is appended to the LLM vocabulary for `<protein>`. Keyword
+        arguments go to `SepitConfig` when they name one of its fields, else to both `from_pretrained` calls
+        (`dtype`, `revision`, `token`, ...).
+        """
+        from transformers import AutoModelForCausalLM
+
+        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in SepitConfig.__dataclass_fields__}
+        protein_model = EsmModel.from_pretrained(protein_model_name_or_path, add_pooling_layer=False, **kwargs)
+        causal_lm = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **kwargs)
+        text_config = causal_lm.config
+        if protein_token_id is None:
+            protein_token_id = text_config.vocab_size
+            causal_lm.resize_token_embeddings(protein_token_id + 1, mean_resizing=True)
+        config = SepitConfig(
+            protein_config=protein_model.config,
+            text_config=causal_lm.config,
+            protein_token_id=protein_token_id,
+            **config_kwargs,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        model.model.protein_model = protein_model
+        model.model.language_model = causal_lm.get_decoder()
+        model.lm_head = causal_lm.get_output_embeddings()
+        dtype = next(causal_lm.parameters()).dtype
+        for fresh in (model.model.structure_module, model.model.multi_modal_projector):
+            fresh.to_empty(device=protein_model.device)
+            fresh.apply(model._init_weights)
+        model.model.multi_modal_projector.to(dtype)
+        return model
+
+
+__all__ = ["SepitForConditionalGeneration", "SepitModel", "SepitPreTrainedModel"]
