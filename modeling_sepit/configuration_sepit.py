@@ -79,7 +79,9 @@ class SepitConfig(PreTrainedConfig):
     def validate_sepit(self) -> None:
         """Fail at construction, naming the field, rather than with a shape error deep in the model."""
         if self.protein_config.model_type != "esm":
-            raise ValueError(f"protein_config.model_type must be 'esm' (an ESM-2 config), got {self.protein_config.model_type!r}")
+            raise ValueError(
+                f"protein_config.model_type must be 'esm' (an ESM-2 config), got {self.protein_config.model_type!r}"
+            )
         layers = self.protein_config.num_hidden_layers
         if not -(layers + 1) <= self.protein_feature_layer <= layers:
             raise ValueError(f"protein_feature_layer={self.protein_feature_layer} is outside [-{layers + 1}, {layers}]")
@@ -91,10 +93,9 @@ class SepitConfig(PreTrainedConfig):
         if experts is not None:
             if experts < 1:
                 raise ValueError(f"num_experts must be >= 1 or None (dense), got {experts}")
-            if not 1 <= self.text_config.num_experts_per_tok <= experts:
-                raise ValueError(
-                    f"num_experts_per_tok must be in [1, num_experts={experts}], got {self.text_config.num_experts_per_tok}"
-                )
+            per_token = self.text_config.num_experts_per_tok
+            if not 1 <= per_token <= experts:
+                raise ValueError(f"num_experts_per_tok must be in [1, num_experts={experts}], got {per_token}")
 
 
 __all__ = ["SepitConfig"]

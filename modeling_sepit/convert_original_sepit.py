@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, EsmConfig, HfArgumentParser
 
 from .configuration_sepit import SepitConfig
@@ -32,7 +33,10 @@ KEY_RENAMES = (
     (r"protein_model\.structure_bias\.gbf_proj\.layer1\.", "model.structure_module.kernel_proj_in."),
     (r"protein_model\.structure_bias\.gbf_proj\.layer2\.", "model.structure_module.kernel_proj_out."),
     (r"protein_model\.structure_bias\.edge_proj\.", "model.structure_module.embedding_proj."),
-    (r"protein_model\.encoder\.layer\.0\.attention\.self\.rotary_embeddings\.inv_freq", "model.protein_model.rotary_embeddings.inv_freq"),
+    (
+        r"protein_model\.encoder\.layer\.0\.attention\.self\.rotary_embeddings\.inv_freq",
+        "model.protein_model.rotary_embeddings.inv_freq",
+    ),
     (r"protein_model\.encoder\.layer\.\d+\.attention\.self\.rotary_embeddings\.inv_freq", None),
     (r"protein_model\.pooler\.", None),
     (r"protein_model\.", "model.protein_model."),
@@ -45,8 +49,16 @@ KEY_RENAMES = (
 
 @dataclass
 class ConversionArguments:
-    input_dir: str = field(metadata={"help": "Folder in the original release layout (config.json with model_type 'pit')."})
+    input_dir: str = field(
+        metadata={"help": "Folder in the original release layout (config.json with model_type 'pit')."}
+    )
     output_dir: str = field(metadata={"help": "Where to write the SEPIT-HF folder (replaced atomically)."})
+    expected_outputs: str | None = field(
+        default=None,
+        metadata={
+            "help": "expected_outputs.safetensors computed by the original code: check the conversion against it."
+        },
+    )
 
 
 def read_original_config(input_dir: Path) -> dict:
@@ -112,11 +124,14 @@ def read_original_weights(input_dir: Path) -> dict[str, torch.Tensor]:
     if not weights_path.is_file():
         raise ValueError(f"input_dir: {input_dir} has no model.safetensors")
     state_dict = {}
-    with safe_open(weights_path, framework="pt") as weights:
-        for key in weights.keys():
-            new_key = rename_key(key)
-            if new_key is not None:
-                state_dict[new_key] = weights.get_tensor(key)
+    try:
+        with safe_open(weights_path, framework="pt") as weights:
+            for key in weights.keys():
+                new_key = rename_key(key)
+                if new_key is not None:
+                    state_dict[new_key] = weights.get_tensor(key)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from error
     for name in ("means", "stds"):
         key = f"model.structure_module.gaussian_kernels.{name}"
         if key in state_dict:
@@ -137,7 +152,9 @@ def read_experts(input_dir: Path, config: SepitConfig) -> dict[str, torch.Tensor
         for expert in range(config.num_experts):
             path = step_dirs[0] / EXPERT_FILE.format(layer=layer, expert=expert)
             if not path.is_file():
-                raise ValueError(f"{step_dirs[0].name}: missing expert file {path.name} (layer {layer}, expert {expert})")
+                raise ValueError(
+                    f"{step_dirs[0].name}: missing expert file {path.name} (layer {layer}, expert {expert})"
+                )
             try:
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:
@@ -194,15 +211,94 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Sepi
     return model
 
 
+def expand_protein_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    protein_token_id: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Original-format inputs (one `<protein>` per protein, `width` features spliced there) as SEPIT-HF inputs (`width`
+    placeholders, attended, label -100). Rows keep their padding side."""
+    rows = []
+    for row_ids, row_mask, row_labels in zip(
+        input_ids.tolist(),
+        attention_mask.tolist(),
+        labels.tolist() if labels is not None else [None] * len(input_ids),
+        strict=True,
+    ):
+        new_ids, new_mask, new_labels = [], [], []
+        for t, token in enumerate(row_ids):
+            is_protein = token == protein_token_id
+            new_ids += [token] * (width if is_protein else 1)
+            new_mask += [1] * width if is_protein else [row_mask[t]]
+            new_labels += [-100] * width if is_protein else [row_labels[t] if row_labels is not None else -100]
+        rows.append((new_ids, new_mask, new_labels))
+    return tuple(torch.tensor([row[i] for row in rows]) for i in range(3))
+
+
+@torch.no_grad()
+def verify_conversion(model: SepitForConditionalGeneration, expected_outputs: str | os.PathLike) -> dict[str, float]:
+    """Run the converted model on the batches of an `expected_outputs.safetensors` file and measure the largest
+    deviations from the original's outputs: protein features, logits (attended positions), loss, greedy tokens."""
+    expected = load_file(expected_outputs)
+    batches: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in expected.items():
+        batch, name = key.split(".", 1)
+        batches.setdefault(batch, {})[name] = tensor
+    token = model.config.protein_token_id
+    figures = {"max_abs_features": 0.0, "max_abs_logits": 0.0, "max_abs_loss": 0.0, "greedy_token_mismatches": 0}
+    for batch in batches.values():
+        coords = batch["node_position"]
+        proteins = {
+            "protein_input_ids": batch["protein_input_ids"],
+            "protein_attention_mask": batch["protein_attention_mask"],
+            "protein_coords": coords,
+            "protein_coords_mask": (coords != 0).any(-1),  # the release marks missing structure with zeros
+        }
+        width = coords.shape[1]
+        features = model.model.get_protein_features(**proteins)
+        reference = model.model.multi_modal_projector(
+            batch["protein_hidden_states_minus2"].reshape(-1, batch["protein_hidden_states_minus2"].shape[-1])
+        )
+        figures["max_abs_features"] = max(figures["max_abs_features"], float((features - reference).abs().max()))
+
+        ids, mask, labels = expand_protein_tokens(
+            batch["train_input_ids"], batch["train_attention_mask"], batch["train_labels"], token, width
+        )
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=False, **proteins)
+        attended = mask.bool()  # padding positions' logits are meaningless in both implementations
+        deviation = float((out.logits[attended] - batch["train_logits"][attended]).abs().max())
+        figures["max_abs_logits"] = max(figures["max_abs_logits"], deviation)
+        figures["max_abs_loss"] = max(figures["max_abs_loss"], abs(float(out.loss) - float(batch["train_loss"])))
+
+        ids, mask, _ = expand_protein_tokens(batch["gen_input_ids"], batch["gen_attention_mask"], None, token, width)
+        new_tokens = batch["gen_output_ids"][:, batch["gen_input_ids"].shape[1] :]
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            **proteins,
+            max_new_tokens=new_tokens.shape[1],
+            do_sample=False,
+            pad_token_id=model.config.text_config.pad_token_id,
+            eos_token_id=model.config.text_config.eos_token_id,
+        )[:, ids.shape[1] :]
+        figures["greedy_token_mismatches"] += int((generated != new_tokens).sum())
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(ConversionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
-        convert(args.input_dir, args.output_dir)
+        model = convert(args.input_dir, args.output_dir)
+        print(f"converted {args.input_dir} -> {args.output_dir}")
+        if args.expected_outputs:
+            figures = verify_conversion(model, args.expected_outputs)
+            print("parity with the original outputs: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
     except ValueError as error:
         print(f"convert_original_sepit: error: {error}", file=sys.stderr)
         return 2
-    print(f"converted {args.input_dir} -> {args.output_dir}")
     return 0
 
 

@@ -16,6 +16,8 @@ class SepitTopKRouter(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        # Initialised here: inside the LLM backbone, transformers applies the backbone's own init, which skips routers.
+        nn.init.normal_(self.weight, std=getattr(config, "initializer_range", 0.02))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = F.linear(hidden_states, self.weight)

@@ -79,8 +79,6 @@ class SepitPreTrainedModel(PreTrainedModel):
             # As in the release: means and widths uniform in [0, 3).
             init.uniform_(module.means, 0.0, 3.0)
             init.uniform_(module.stds, 0.0, 3.0)
-        elif isinstance(module, SepitTopKRouter):
-            init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_range)
 
     def save_pretrained(self, *args, **kwargs) -> None:
         # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
@@ -137,7 +135,9 @@ class SepitModel(SepitPreTrainedModel):
             if attention_bias is not None:
                 # An additive float mask carries the bias through the attention interface (eager and SDPA).
                 padding = protein_attention_mask[:, None, None, :] == 0
-                encoder_mask = attention_bias.to(embeddings.dtype).masked_fill(padding, torch.finfo(embeddings.dtype).min)
+                encoder_mask = attention_bias.to(embeddings.dtype).masked_fill(
+                    padding, torch.finfo(embeddings.dtype).min
+                )
         encoder_outputs = self.protein_model(
             inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=True, return_dict=True
         )
@@ -233,9 +233,7 @@ def validate_protein_inputs(
 ) -> torch.Tensor | None:
     """Check the protein tensors against each other; return the coordinate mask (None without coordinates)."""
     if protein_input_ids.ndim != 2:
-        raise ValueError(
-            f"protein_input_ids must be (num_proteins, P), got shape {tuple(protein_input_ids.shape)}"
-        )
+        raise ValueError(f"protein_input_ids must be (num_proteins, P), got shape {tuple(protein_input_ids.shape)}")
     shape = tuple(protein_input_ids.shape)
     if tuple(protein_attention_mask.shape) != shape:
         raise ValueError(
@@ -373,7 +371,9 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         if text_config.num_experts is not None:
             raise ValueError(f"the LLM already has {text_config.num_experts} experts per FFN")
         if not 1 <= num_experts_per_tok <= num_experts:
-            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {num_experts_per_tok}")
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {num_experts_per_tok}"
+            )
         layers = decoder_layers(self.model.language_model)
         for layer in layers:
             check_gated_mlp(layer.mlp)
@@ -388,9 +388,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             setattr(self.config, name, value)
         reference = next(self.model.language_model.parameters())
         for layer in layers:
-            block = SepitSparseMoeBlock(text_config, layer.mlp).to(device=reference.device, dtype=reference.dtype)
-            self._init_weights(block.gate)
-            layer.mlp = block
+            layer.mlp = SepitSparseMoeBlock(text_config, layer.mlp).to(device=reference.device, dtype=reference.dtype)
         return self
 
     @classmethod

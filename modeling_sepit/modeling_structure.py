@@ -89,7 +89,9 @@ class SepitStructureModule(nn.Module):
         for start in range(0, length, rows):
             block = slice(start, start + rows)
             args = (coords[:, block], coords, query_mask[:, block], key_mask)
-            bias, sums = checkpoint(self._pair_chunk, *args, use_reentrant=False) if recompute else self._pair_chunk(*args)
+            bias, sums = (
+                checkpoint(self._pair_chunk, *args, use_reentrant=False) if recompute else self._pair_chunk(*args)
+            )
             biases.append(bias)
             kernel_sums.append(sums)
         attention_bias = torch.cat(biases, dim=1).permute(0, 3, 1, 2)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The two commands of the README:  ./run.sh main  (the main job)   ./run.sh test  (the test suite)
+# Each sets up .venv on first use: torch 2.13.0 (CPU) first, then the project with every later install pinned to it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv=.venv
+stamp="$venv/.installed-$(cat setup.cfg constraints.txt | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet torch==2.13.0
+    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[train,dev]"
+    rm -f "$venv"/.installed-* && touch "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+case "${1:-}" in
+    main) shift; exec "$venv/bin/python" examples/main_job.py "$@" ;;
+    test) shift; exec "$venv/bin/python" -m pytest tests "$@" ;;
+    *) echo "usage: ./run.sh main|test [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,121 @@
+"""Shared test helpers: tiny SEPIT configs and real proteins (sequence + C-alpha coordinates) from PDB files."""
+
+import os
+from pathlib import Path
+
+import biotite.structure as struc
+import biotite.structure.io.pdb as pdb
+import biotite.structure.io.pdbx as pdbx
+import pytest
+import torch
+from biotite.sequence import ProteinSequence
+from transformers import AutoTokenizer, EsmConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from modeling_sepit import SepitConfig  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ORIGINAL = FIXTURES / "sepit-original"
+STRUCTURES = FIXTURES / "structures"
+PROTEIN_TOKEN_ID = 99
+PAD_ID = 0
+
+
+def read_chain(path: Path, chain: str) -> tuple[str, torch.Tensor]:
+    """Sequence and C-alpha coordinates of one chain (first model) of a real structure file."""
+    if path.suffix == ".cif":
+        atoms = pdbx.get_structure(pdbx.CIFFile.read(path), model=1)
+    else:
+        atoms = pdb.PDBFile.read(path).get_structure(model=1)
+    ca = atoms[(atoms.atom_name == "CA") & struc.filter_amino_acids(atoms) & (atoms.chain_id == chain)]
+    sequence = "".join(ProteinSequence.convert_letter_3to1(name) for name in ca.res_name)
+    return sequence, torch.tensor(ca.coord, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def real_proteins() -> list[tuple[str, torch.Tensor]]:
+    """Lysozyme (1AKI, 129 aa), lac repressor headpiece (1LCD, 51 aa), amyloid-beta 17-42 (2BEG chain A, 26 aa)."""
+    return [
+        read_chain(STRUCTURES / "biotite__1aki.pdb", "A"),
+        read_chain(STRUCTURES / "biopython__1LCD.pdb", "A"),
+        read_chain(STRUCTURES / "biopython__2BEG.cif", "A"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def protein_tokenizer():
+    return AutoTokenizer.from_pretrained(ORIGINAL / "original-tiny-dense" / "protein_tokenizer")
+
+
+def tiny_config(**overrides) -> SepitConfig:
+    protein_config = EsmConfig(
+        vocab_size=33,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        position_embedding_type="rotary",
+        pad_token_id=1,
+        mask_token_id=32,
+        token_dropout=True,
+        emb_layer_norm_before=False,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
+    text_config = dict(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=100,
+        pad_token_id=PAD_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs = dict(protein_config=protein_config, text_config=text_config, protein_token_id=PROTEIN_TOKEN_ID)
+    kwargs["num_gaussian_kernels"] = 16
+    kwargs.update(overrides)
+    return SepitConfig(**kwargs)
+
+
+def protein_batch(proteins: list[tuple[str, torch.Tensor]], tokenizer, with_coords: bool = True) -> dict:
+    """Protein tensors for the model: tokens with <cls>/<eos>, coordinates aligned to them (NaN where absent)."""
+    encoded = tokenizer([sequence for sequence, _ in proteins], padding=True, return_tensors="pt")
+    batch = {"protein_input_ids": encoded.input_ids, "protein_attention_mask": encoded.attention_mask}
+    if with_coords:
+        length = encoded.input_ids.shape[1]
+        coords = torch.full((len(proteins), length, 3), float("nan"))
+        for i, (sequence, ca) in enumerate(proteins):
+            coords[i, 1 : 1 + len(sequence)] = ca
+        batch["protein_coords"] = coords
+        batch["protein_coords_mask"] = torch.isfinite(coords).all(-1)
+    return batch
+
+
+def prompt_ids(feature_counts: list[int], seed: int = 0) -> list[list[int]]:
+    """One prompt per protein: a few text tokens, the expanded `<protein>` run, a few more text tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = []
+    for count in feature_counts:
+        before = torch.randint(
+            3, PROTEIN_TOKEN_ID, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator
+        )
+        after = torch.randint(
+            3, PROTEIN_TOKEN_ID, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator
+        )
+        prompts.append([1, *before.tolist(), *[PROTEIN_TOKEN_ID] * count, *after.tolist()])
+    return prompts
+
+
+def pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask

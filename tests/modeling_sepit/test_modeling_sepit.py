@@ -1,0 +1,310 @@
+"""SEPIT model: encoder equivalences, splicing, batching, generation, MoE upcycling, saving and remote code."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, EsmModel, LlamaConfig, LlamaForCausalLM
+
+from modeling_sepit import SepitConfig, SepitForConditionalGeneration
+from tests.conftest import PAD_ID, PROTEIN_TOKEN_ID, pad, prompt_ids, protein_batch, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model() -> SepitForConditionalGeneration:
+    torch.manual_seed(0)
+    return SepitForConditionalGeneration(tiny_config(structure_embedding_scale=0.1)).eval()
+
+
+def feature_counts(batch: dict) -> list[int]:
+    return batch["protein_attention_mask"].sum(-1).tolist()
+
+
+def test_without_coordinates_the_encoder_is_plain_esm2(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins, protein_tokenizer, with_coords=False)
+    plain = EsmModel(model.config.protein_config, add_pooling_layer=False).eval()
+    plain.load_state_dict(model.model.protein_model.state_dict())
+    with torch.no_grad():
+        ours = model.model.get_protein_features(**batch)
+        hidden = plain(
+            input_ids=batch["protein_input_ids"],
+            attention_mask=batch["protein_attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states[-2]
+        expected = model.model.multi_modal_projector(hidden[batch["protein_attention_mask"].bool()])
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_coordinates_change_the_features(model, real_proteins, protein_tokenizer):
+    with torch.no_grad():
+        with_structure = model.model.get_protein_features(**protein_batch(real_proteins, protein_tokenizer))
+        without = model.model.get_protein_features(**protein_batch(real_proteins, protein_tokenizer, with_coords=False))
+    assert (with_structure - without).norm() > 0.05 * without.norm()
+
+
+def test_batch_of_one_equals_batch_of_three(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    with torch.no_grad():
+        together = model.model.get_protein_features(**batch)
+        alone = torch.cat(
+            [model.model.get_protein_features(**protein_batch([p], protein_tokenizer)) for p in real_proteins]
+        )
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_splices_features_and_keeps_length(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    labels = ids.masked_fill((mask == 0) | (ids == PROTEIN_TOKEN_ID), -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **batch)
+    assert out.logits.shape == (*ids.shape, model.config.text_config.vocab_size)
+    assert out.protein_features.shape[0] == int((ids == PROTEIN_TOKEN_ID).sum())
+    assert torch.isfinite(out.loss)
+    hidden = model.model(input_ids=ids, attention_mask=mask, **batch).last_hidden_state
+    assert hidden.shape[:2] == ids.shape  # TRL multiplies this by the LM head against `labels`
+
+
+def test_several_proteins_in_one_prompt_and_text_only_prompts(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    first, second = feature_counts(batch)
+    rows = [[1, 5, *[PROTEIN_TOKEN_ID] * first, 6, *[PROTEIN_TOKEN_ID] * second, 7], [1, 8, 9, 10]]
+    ids, mask = pad(rows, "right")
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask, **batch).logits
+        text_only = model(input_ids=ids[1:, :4], attention_mask=mask[1:, :4]).logits
+    torch.testing.assert_close(both[1, :4], text_only[0], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_batched_equals_one_by_one(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    prompts = prompt_ids(feature_counts(batch), seed=1)
+    ids, mask = pad(prompts, "left")
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None)
+    with torch.no_grad():
+        together = model.generate(input_ids=ids, attention_mask=mask, **batch, **settings)[:, ids.shape[1] :]
+        for i, prompt in enumerate(prompts):
+            single = protein_batch([real_proteins[i]], protein_tokenizer)
+            alone = model.generate(input_ids=torch.tensor([prompt]), **single, **settings)[:, len(prompt) :]
+            assert torch.equal(together[i], alone[0]), i
+
+
+def test_generation_runs_the_encoder_once(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins[:1], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "left")
+    calls = []
+    hook = model.model.protein_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, **batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycled_moe_computes_what_the_dense_model_did(real_proteins, protein_tokenizer, top_k):
+    torch.manual_seed(0)
+    dense = SepitForConditionalGeneration(tiny_config()).eval()
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    with torch.no_grad():
+        before = dense(input_ids=ids, attention_mask=mask, **batch).logits
+        dense_params = sum(p.numel() for p in dense.parameters())
+        moe = dense.upcycle_to_moe(num_experts=4, num_experts_per_tok=top_k, norm_topk_prob=True)
+        after = moe(input_ids=ids, attention_mask=mask, **batch, output_router_logits=True)
+    torch.testing.assert_close(after.logits, before, atol=1e-5, rtol=1e-5)
+    if top_k == 1:
+        assert torch.equal(after.logits, before)
+    assert len(after.router_logits) == 2 and after.router_logits[0].shape == (ids.numel(), 4)
+    assert torch.isfinite(after.aux_loss)
+    assert moe.config.get_text_config().num_experts == 4
+    expert_params = sum(p.numel() for layer in moe.model.language_model.layers for p in layer.mlp.experts.parameters())
+    router_params = sum(layer.mlp.gate.weight.numel() for layer in moe.model.language_model.layers)
+    total = sum(p.numel() for p in moe.parameters())
+    assert total == dense_params + expert_params * 3 // 4 + router_params
+
+
+def test_moe_training_loss_includes_the_load_balancing_term(real_proteins, protein_tokenizer):
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(tiny_config(num_experts=4, num_experts_per_tok=1, router_aux_loss_coef=0.5))
+    batch = protein_batch(real_proteins[:2], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels, **batch, output_router_logits=False)
+    with_aux = model(input_ids=ids, attention_mask=mask, labels=labels, **batch, output_router_logits=True)
+    torch.testing.assert_close(with_aux.loss, plain.loss + 0.5 * with_aux.aux_loss)
+    with_aux.loss.backward()
+    assert model.model.language_model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_save_and_load_round_trip(model, real_proteins, protein_tokenizer, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    for auto in (AutoModel, AutoModelForCausalLM, SepitForConditionalGeneration):
+        loaded = auto.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, SepitForConditionalGeneration)
+        with torch.no_grad():
+            assert torch.equal(
+                loaded(input_ids=ids, attention_mask=mask, **batch).logits,
+                model(input_ids=ids, attention_mask=mask, **batch).logits,
+            )
+
+
+REMOTE_CODE_CHECK = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_sepit"] = None  # the package must not be importable: only the folder's own code
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    folder, inputs_path, out_path = sys.argv[1:]
+    inputs = torch.load(inputs_path, weights_only=True)
+    for auto in (AutoModel, AutoModelForCausalLM):
+        model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"logits": logits}, out_path)
+    """
+)
+
+
+def test_remote_code_load_in_a_fresh_process(model, real_proteins, protein_tokenizer, tmp_path):
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    inputs = {"input_ids": ids, "attention_mask": mask, **batch}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "check.py"
+    script.write_text(REMOTE_CODE_CHECK)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)["logits"]
+    with torch.no_grad():
+        assert torch.equal(remote, model(**inputs).logits)
+
+
+def test_from_pretrained_parts_loads_both_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    esm = EsmModel(config.protein_config, add_pooling_layer=False)
+    esm.save_pretrained(tmp_path / "esm")
+    llm = LlamaForCausalLM(LlamaConfig(**config.text_config.to_dict()))
+    llm.save_pretrained(tmp_path / "llm")
+    model = SepitForConditionalGeneration.from_pretrained_parts(
+        str(tmp_path / "esm"), str(tmp_path / "llm"), num_gaussian_kernels=8
+    )
+    assert model.config.protein_token_id == 100 and model.config.text_config.vocab_size == 101
+    assert model.config.num_gaussian_kernels == 8
+    assert torch.equal(
+        model.model.protein_model.encoder.layer[0].attention.self.query.weight,
+        esm.encoder.layer[0].attention.self.query.weight,
+    )
+    assert torch.equal(model.lm_head.weight[:100], llm.lm_head.weight)
+    assert not any(p.is_meta for p in model.parameters())
+    model.save_pretrained(tmp_path / "sepit")
+    assert SepitForConditionalGeneration.from_pretrained(tmp_path / "sepit").config.protein_token_id == 100
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_any_causal_lm_config(model_type, real_proteins, protein_tokenizer):
+    text = tiny_config().text_config.to_dict()
+    text["model_type"] = model_type
+    model = SepitForConditionalGeneration(tiny_config(text_config=text, num_experts=2)).eval()
+    assert type(model.model.language_model).__name__.lower().startswith(model_type)
+    batch = protein_batch(real_proteins[1:2], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, **batch).logits.shape[1] == ids.shape[1]
+
+
+def test_config_moe_fields_live_on_the_text_config():
+    config = tiny_config(num_experts=4, num_experts_per_tok=2)
+    text = config.get_text_config()
+    assert (text.num_experts, text.num_experts_per_tok, text.norm_topk_prob) == (4, 2, True)
+    reloaded = SepitConfig.from_dict(config.to_dict())
+    assert reloaded.num_experts == 4 and reloaded.get_text_config().num_experts_per_tok == 2
+    assert tiny_config().get_text_config().num_experts is None
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"protein_feature_layer": 7}, "protein_feature_layer"),
+        ({"num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
+        ({"num_gaussian_kernels": 0}, "num_gaussian_kernels"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def extra_protein_tag(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    return torch.cat([ids, torch.full((ids.shape[0], 1), PROTEIN_TOKEN_ID)], 1), batch
+
+
+def coords_2d(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    return ids, {**batch, "protein_coords": batch["protein_coords"][..., :2]}
+
+
+def nan_where_present(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    coords = batch["protein_coords"].clone()
+    coords[0, 3, 1] = float("nan")
+    return ids, {**batch, "protein_coords": coords}
+
+
+def inf_where_present(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    coords = batch["protein_coords"].nan_to_num()
+    coords[1, 4, 0] = float("inf")
+    return ids, {**batch, "protein_coords": coords}
+
+
+def short_attention_mask(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    return ids, {**batch, "protein_attention_mask": batch["protein_attention_mask"][:, :-1]}
+
+
+def short_coords_mask(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    return ids, {**batch, "protein_coords_mask": batch["protein_coords_mask"][:, :-1]}
+
+
+def flat_protein_ids(ids: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    return ids, {"protein_input_ids": batch["protein_input_ids"][0]}
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (extra_protein_tag, "<protein>"),
+        (coords_2d, "protein_coords must have shape"),
+        (nan_where_present, "NaN/inf at protein 0, position 3"),
+        (inf_where_present, "NaN/inf at protein 1, position 4"),
+        (short_attention_mask, "protein_attention_mask"),
+        (short_coords_mask, "protein_coords_mask"),
+        (flat_protein_ids, "protein_input_ids"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_field(model, real_proteins, protein_tokenizer, mutate, field):
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    ids, _ = pad(prompt_ids(feature_counts(batch)), "right")
+    ids, batch = mutate(ids, batch)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        model(input_ids=ids, **batch)
+
+
+def test_protein_tags_without_proteins_raise(model):
+    with pytest.raises(ValueError, match="protein_input_ids"):
+        model(input_ids=torch.tensor([[1, PROTEIN_TOKEN_ID, 5]]))
