@@ -9,10 +9,14 @@ length 256, 512 and 1024, both for forward only (``torch.no_grad()``) and for fo
 grad, loss = bias.sum() + embedding_term.sum()).
 
 Memory is measured on CPU as growth of the peak resident set size (``ru_maxrss``) over the call, each (implementation,
-length, mode) in a fresh interpreter so that one measurement cannot inherit another's high-water mark. Time is the
-median of 3 calls in that interpreter (the peak comes from the first). Before measuring, the script checks, in a fresh
-interpreter per length, that both implementations give the same bias and embedding term (and, at the shortest length,
-the same parameter gradients) with the same parameter values.
+length, mode) in a fresh interpreter so that one measurement cannot inherit another's high-water mark; each is taken
+twice, with glibc's default malloc settings and with a fixed mmap threshold (see `FIXED_MMAP_ENV`), because the
+default settings keep freed chunk-sized blocks in the heap and so inflate the RSS of the chunked implementation. Time
+is the median of 3 calls in the default-malloc interpreter (the peak comes from the first); it is sensitive to other
+load on the machine, so the 1-minute load average before and after the run is recorded too.
+
+Before measuring, the script checks, in a fresh interpreter per length, that both implementations give the same bias
+and embedding term (and, at the shortest length, the same parameter gradients) with the same parameter values.
 
 Usage (from the repository root)::
 
@@ -58,6 +62,10 @@ WARMUP_LENGTH = 8
 SEED = 0
 BIAS_TOLERANCE = 1e-4
 README_HEADING = "## Structure module: peak memory and time"
+# glibc raises its mmap threshold (up to 32 MiB) each time an mmapped block is freed, after which freed chunk-sized
+# blocks stay in the heap and count in RSS. Fixing the threshold (which disables that adjustment) makes every tensor
+# above 64 KiB its own mapping, returned on free, so the RSS peak is close to the peak of live tensor memory.
+FIXED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def make_config() -> SepitConfig:
@@ -234,9 +242,11 @@ def check(length: int) -> dict[str, object]:
     return result
 
 
-def run_subprocess(args: list[str]) -> dict[str, object]:
+def run_subprocess(args: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
     command = [sys.executable, str(Path(__file__).resolve()), *args]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **(env or {})}
+    )
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or [""]
         killed = completed.returncode in (-9, 137)  # SIGKILL, e.g. from the kernel's OOM killer
@@ -244,31 +254,46 @@ def run_subprocess(args: list[str]) -> dict[str, object]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def _peak(row: dict[str, object], key: str) -> str:
+    measured = row[key]
+    return str(measured["error"]).split()[0] if "error" in measured else f"{measured['peak_mib']:.1f}"
+
+
 def format_table(results: list[dict[str, object]]) -> str:
-    lines = ["| L | mode | impl | peak MiB | median s |", "|---:|---|---|---:|---:|"]
+    lines = [
+        "| L | mode | impl | peak MiB (default malloc) | peak MiB (fixed mmap threshold) | median s |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
     for row in results:
-        if "error" in row:
-            status = str(row["error"]).split()[0]
-            lines.append(f"| {row['length']} | {row['mode']} | {row['impl']} | {status} | {status} |")
-        else:
-            lines.append(
-                f"| {row['length']} | {row['mode']} | {row['impl']} | {row['peak_mib']:.1f} | {row['seconds']:.3f} |"
-            )
+        default = row["default"]
+        seconds = str(default["error"]).split()[0] if "error" in default else f"{default['seconds']:.3f}"
+        lines.append(
+            f"| {row['length']} | {row['mode']} | {row['impl']} | {_peak(row, 'default')} | "
+            f"{_peak(row, 'fixed_mmap')} | {seconds} |"
+        )
     return "\n".join(lines)
+
+
+def _ratio(ours: dict[str, object], direct: dict[str, object], key: str) -> str:
+    if "error" in ours or "error" in direct or not direct[key] > 0:
+        return "n/a"
+    ratio = ours[key] / direct[key]
+    return f"{ratio:.3f} (1/{1 / ratio:.1f})" if key == "peak_mib" else f"{ratio:.3f}"
 
 
 def format_ratios(results: list[dict[str, object]]) -> str:
     index = {(r["length"], r["mode"], r["impl"]): r for r in results}
-    lines = ["| L | mode | memory ours/direct | time ours/direct |", "|---:|---|---:|---:|"]
+    lines = [
+        "| L | mode | memory ours/direct (default malloc) | memory (fixed mmap threshold) | time ours/direct |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for length in LENGTHS:
         for mode in MODES:
             ours, direct = index[(length, mode, "ours")], index[(length, mode, "direct")]
-            if "error" in ours or "error" in direct:
-                lines.append(f"| {length} | {mode} | n/a | n/a |")
-                continue
-            memory = ours["peak_mib"] / direct["peak_mib"] if direct["peak_mib"] > 0 else float("nan")
-            seconds = ours["seconds"] / direct["seconds"]
-            lines.append(f"| {length} | {mode} | {memory:.3f} (1/{1 / memory:.1f}) | {seconds:.3f} |")
+            default = _ratio(ours["default"], direct["default"], "peak_mib")
+            fixed = _ratio(ours["fixed_mmap"], direct["fixed_mmap"], "peak_mib")
+            seconds = _ratio(ours["default"], direct["default"], "seconds")
+            lines.append(f"| {length} | {mode} | {default} | {fixed} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -284,6 +309,7 @@ def update_readme(section: str) -> None:
 
 
 def main() -> None:
+    load_before = os.getloadavg()[0]
     checks = []
     for length in LENGTHS:
         result = run_subprocess(["--check", str(length)])
@@ -297,15 +323,23 @@ def main() -> None:
     for length in LENGTHS:
         for mode in MODES:
             for impl in IMPLS:
-                measured = run_subprocess(["--worker", impl, str(length), mode])
-                result = {"impl": impl, "length": length, "mode": mode, **measured}
+                args = ["--worker", impl, str(length), mode]
+                result = {
+                    "impl": impl,
+                    "length": length,
+                    "mode": mode,
+                    "default": run_subprocess(args),
+                    "fixed_mmap": run_subprocess(args, FIXED_MMAP_ENV),
+                }
                 print(json.dumps(result), flush=True)
                 results.append(result)
 
+    load_after = os.getloadavg()[0]
     command = "cd /work/main && .venv/bin/python benchmarks/structure_memory.py"
     machine = (
         f"{platform.machine()} CPU, `nproc` = {os.cpu_count()}, torch.set_num_threads({NUM_THREADS}), "
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}; "
+        f"1-minute load average {load_before:.2f} before and {load_after:.2f} after the run"
     )
     max_bias_diff = max(c["bias_max_abs_diff"] for c in checks)
     max_emb_diff = max(c["emb_max_abs_diff"] for c in checks)
@@ -318,8 +352,10 @@ def main() -> None:
             "autograd); `direct` is the original SEPIT StructureBias math materialising (B, L, L, K), with the same "
             "parameter values. `forward` runs under `torch.no_grad()`; `forward+backward` has parameters requiring "
             "grad and loss = bias.sum() + embedding_term.sum(). Peak MiB is the growth of `ru_maxrss` over the first "
-            f"call, each row in a fresh interpreter after a warm-up at L = {WARMUP_LENGTH}; time is the median of "
-            f"{REPEATS} calls.",
+            f"call, each row in a fresh interpreter after a warm-up at L = {WARMUP_LENGTH}, measured twice: with "
+            "glibc's default malloc settings, and with `MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=65536` "
+            "(fixed mmap threshold: freed tensors go back to the OS, so the RSS peak tracks live tensor memory rather "
+            f"than what the allocator keeps). Time is the median of {REPEATS} calls in the default-malloc run.",
             "",
             format_table(results),
             "",

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, EsmConfig, HfArgumentParser
 
 from .configuration_sepit import SepitConfig
 from .modeling_sepit import SepitForConditionalGeneration
+from .processing_sepit import SepitProcessor
 
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 EXPERT_KEY = re.compile(
@@ -53,6 +54,9 @@ class ConversionArguments:
         metadata={"help": "Folder in the original release layout (config.json with model_type 'pit')."}
     )
     output_dir: str = field(metadata={"help": "Where to write the SEPIT-HF folder (replaced atomically)."})
+    protein_padding_length: int = field(
+        default=1024, metadata={"help": "Positions the release padded every protein to (1024; the fixtures use 48)."}
+    )
     expected_outputs: str | None = field(
         default=None,
         metadata={
@@ -167,8 +171,11 @@ def read_experts(input_dir: Path, config: SepitConfig) -> dict[str, torch.Tensor
     return experts
 
 
-def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> SepitForConditionalGeneration:
-    """Convert and write `output_dir` atomically (a crash leaves any previous folder intact)."""
+def convert(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, protein_padding_length: int = 1024
+) -> SepitForConditionalGeneration:
+    """Convert model and tokenizers (as a `SepitProcessor` in compat mode) and write `output_dir` atomically: a crash
+    leaves any previous folder intact."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     original = read_original_config(input_dir)
     state_dict = read_original_weights(input_dir)
@@ -194,11 +201,23 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Sepi
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
-        for name in ("text_tokenizer", "protein_tokenizer"):
-            source = input_dir / name
-            if source.is_dir():
-                target = staging if name == "text_tokenizer" else staging / name
-                AutoTokenizer.from_pretrained(source).save_pretrained(target)
+        tokenizers = {name: input_dir / name for name in ("text_tokenizer", "protein_tokenizer")}
+        missing = [name for name, path in tokenizers.items() if not path.is_dir()]
+        if missing:
+            raise ValueError(f"input_dir: {input_dir} lacks {missing}, the tokenizer folders of a release")
+        processor = SepitProcessor(
+            tokenizer=AutoTokenizer.from_pretrained(tokenizers["text_tokenizer"]),
+            protein_tokenizer=AutoTokenizer.from_pretrained(tokenizers["protein_tokenizer"]),
+            max_protein_length=protein_padding_length - 2,
+            original_compat=True,
+            protein_padding_length=protein_padding_length,
+        )
+        if processor.protein_token_id != config.protein_token_id:
+            raise ValueError(
+                f"text_tokenizer: `<protein>` has id {processor.protein_token_id}, the config says "
+                f"{config.protein_token_id}"
+            )
+        processor.save_pretrained(staging)
         if output_dir.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
             os.replace(output_dir, backup / output_dir.name)
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(ConversionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
-        model = convert(args.input_dir, args.output_dir)
+        model = convert(args.input_dir, args.output_dir, args.protein_padding_length)
         print(f"converted {args.input_dir} -> {args.output_dir}")
         if args.expected_outputs:
             figures = verify_conversion(model, args.expected_outputs)

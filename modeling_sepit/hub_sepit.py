@@ -1,0 +1,55 @@
+"""A Hub-ready SEPIT folder (model, processor, pipeline code, `auto_map`) and its upload."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from transformers import pipeline
+
+from .modeling_sepit import SepitForConditionalGeneration
+from .processing_sepit import SepitProcessor
+
+
+def save_hub_folder(model: SepitForConditionalGeneration, processor: SepitProcessor, folder: str | os.PathLike) -> Path:
+    """Write model weights (safetensors), config with `auto_map` and `custom_pipelines`, the remote code, the processor
+    (both tokenizers, chat template) into `folder`, atomically: a crash leaves the previous folder intact."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        qa = pipeline("protein-qa", model=model, processor=processor)
+        qa.save_pretrained(staging)  # model, config.custom_pipelines, pipeline and modeling code
+        processor.save_pretrained(staging)  # pipelines do not save a ProcessorMixin themselves
+        if folder.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, retired / folder.name)
+            os.replace(staging, folder)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def push_hub_folder(
+    folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False, commit_message: str = ""
+) -> str:
+    """Upload a folder written by `save_hub_folder` to a model repository; returns the commit URL."""
+    folder = Path(folder)
+    missing = [
+        name for name in ("config.json", "model.safetensors", "processor_config.json") if not (folder / name).is_file()
+    ]
+    if missing:
+        raise ValueError(f"{folder}: not a complete SEPIT folder (missing {missing}); write it with save_hub_folder")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message or "Upload SEPIT"
+    )
+    return str(commit.commit_url if hasattr(commit, "commit_url") else commit)
+
+
+__all__ = ["push_hub_folder", "save_hub_folder"]

@@ -1,0 +1,167 @@
+"""SepitProcessor and SepitDataCollator on real proteins: expansion, padding, labels, truncation, saving, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from modeling_sepit import SepitDataCollator, SepitProcessor
+from modeling_sepit.convert_original_sepit import convert
+from tests.conftest import ORIGINAL, STRUCTURES
+
+
+@pytest.fixture(scope="module")
+def processor(protein_tokenizer) -> SepitProcessor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ORIGINAL / "original-tiny-dense" / "text_tokenizer")
+    return SepitProcessor(tokenizer=tokenizer, protein_tokenizer=protein_tokenizer)
+
+
+def test_default_template_reproduces_the_original_prompts(processor):
+    expected = json.loads((ORIGINAL / "original-tiny-dense" / "expected_outputs.json").read_text())
+    questions = json.loads((ORIGINAL / "cases.json").read_text())["questions"]
+    for batch in expected.values():
+        for index, prompt in zip(batch["question_index"], batch["gen_prompts"], strict=True):
+            chat = [{"role": "user", "content": questions[index]}]
+            assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == prompt
+
+
+def test_each_protein_tag_expands_to_its_feature_positions(processor, real_proteins):
+    (lysozyme, ca), (headpiece, _) = real_proteins[0], real_proteins[1]
+    out = processor(
+        text=["What is <protein> ?", "Compare <protein> with <protein> ."],
+        proteins=[[{"sequence": lysozyme, "coords": ca.numpy()}], [headpiece, lysozyme]],
+        padding_side="right",
+    )
+    placeholders = (out["input_ids"] == processor.protein_token_id).sum(-1).tolist()
+    assert placeholders == [len(lysozyme) + 2, len(headpiece) + 2 + len(lysozyme) + 2]
+    assert out["protein_input_ids"].shape == (3, len(lysozyme) + 2)
+    assert out["protein_coords"].shape == (3, len(lysozyme) + 2, 3)
+    assert out["protein_coords_mask"][0].sum() == len(lysozyme) and not out["protein_coords_mask"][1:].any()
+    torch.testing.assert_close(out["protein_coords"][0, 1:-1], ca)
+    assert out["attention_mask"][0, -1] == 0 and out["attention_mask"][1, -1] == 1  # right padding
+
+
+def test_flat_protein_list_is_consumed_in_tag_order(processor, real_proteins):
+    sequences = [sequence for sequence, _ in real_proteins]
+    nested = processor(text=["<protein> and <protein>", "<protein>"], proteins=[sequences[:2], sequences[2:]])
+    flat = processor(text=["<protein> and <protein>", "<protein>"], proteins=sequences)
+    for key in nested:
+        assert torch.equal(nested[key], flat[key])
+
+
+def test_generation_prompt_pads_left_and_training_labels_cover_the_assistant_turn(processor, real_proteins):
+    sequence = real_proteins[2][0]
+    chat = [{"role": "user", "content": "What is the function of <bop><protein><eop> ?"}]
+    prompt = processor.apply_chat_template(
+        [chat, chat[:1]], proteins=[[sequence], [sequence]], add_generation_prompt=True
+    )
+    assert "labels" not in prompt and processor.tokenizer.padding_side == "right"
+    answer = "It binds ubiquitin and marks proteins for degradation ."
+    train = processor.apply_chat_template(chat + [{"role": "assistant", "content": answer}], proteins=[sequence])
+    labelled = train["labels"][train["labels"] != -100]
+    expected = processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+    assert labelled.tolist() == expected
+    short = processor.apply_chat_template(
+        [chat, chat], proteins=[[sequence], [real_proteins[1][0]]], add_generation_prompt=True
+    )
+    assert short["attention_mask"][0, 0] == 0 and short["attention_mask"][0, -1] == 1  # left padding
+
+
+def test_structure_file_and_alignment_to_the_full_sequence(processor):
+    # 1LCD resolves residues 1-51 of the lac repressor; the rest of this 60-residue stretch has no coordinates.
+    structure_only = processor(text="<protein>", proteins=str(STRUCTURES / "biopython__1LCD.pdb"))
+    sequence = processor.protein_tokenizer.decode(structure_only["protein_input_ids"][0, 1:-1]).replace(" ", "")
+    longer = sequence + "GGSGGSGGS"
+    aligned = processor(
+        text="<protein>", proteins={"structure": STRUCTURES / "biopython__1LCD.pdb", "sequence": longer}
+    )
+    mask = aligned["protein_coords_mask"][0]
+    assert mask.sum() == len(sequence) and not mask[len(sequence) + 1 :].any()
+
+
+def test_long_proteins_are_truncated_with_sequence_and_coordinates(processor, real_proteins, caplog):
+    sequence, ca = real_proteins[0]
+    short = SepitProcessor(
+        tokenizer=processor.tokenizer, protein_tokenizer=processor.protein_tokenizer, max_protein_length=50
+    )
+    out = short(text="<protein>", proteins={"sequence": sequence, "coords": ca.numpy()})
+    assert out["protein_input_ids"].shape[1] == 52 and (out["input_ids"] == short.protein_token_id).sum() == 52
+    torch.testing.assert_close(out["protein_coords"][0, 1:51], ca[:50])
+    assert "truncated" in caplog.text
+
+
+def test_save_and_load_through_auto_processor(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "protein_tokenizer").is_dir() and (tmp_path / "chat_template.jinja").is_file()
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, SepitProcessor) and loaded.chat_template == processor.chat_template
+    assert loaded.protein_token_id == processor.protein_token_id
+    text = "What is <protein> ?"
+    assert torch.equal(
+        loaded(text=text, proteins="MKTAYIAK")["input_ids"], processor(text=text, proteins="MKTAYIAK")["input_ids"]
+    )
+
+
+def test_converted_checkpoint_gets_a_compat_processor(tmp_path):
+    convert(ORIGINAL / "original-tiny-dense", tmp_path, protein_padding_length=48)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    out = processor(text="<protein>", proteins="GSHMKELIKKLLEEAG")
+    assert out["protein_input_ids"].shape == (1, 48) and (out["input_ids"] == 63).sum() == 48
+
+
+def test_collator_drops_structure_at_the_given_rate(processor, real_proteins):
+    sequence, ca = real_proteins[2]
+    example = {
+        "messages": [
+            {"role": "user", "content": "Describe <protein> ."},
+            {"role": "assistant", "content": "A small globular protein ."},
+        ],
+        "proteins": [{"sequence": sequence, "coords": ca.numpy()}],
+    }
+    collator = SepitDataCollator(processor, structure_dropout=0.15, seed=0)
+    kept = []
+    for _ in range(400):
+        batch = collator([example])
+        kept.append(bool("protein_coords_mask" in batch and batch["protein_coords_mask"].any()))
+    assert 0.10 <= 1 - np.mean(kept) <= 0.20
+    assert (batch["labels"] != -100).any()
+    assert SepitDataCollator(processor, structure_dropout=0.0)([example])["protein_coords_mask"].any()
+
+
+@pytest.mark.parametrize(
+    "text, proteins, message",
+    [
+        ("What is <protein> ?", "mktayiak", "invalid amino-acid letters"),
+        ("What is <protein> ?", "MKT4YIAK", "invalid amino-acid letters"),
+        ("What is <protein> ?", "", "empty"),
+        ("What is <protein> ?", {"sequence": "MKTAYIAK", "coords": np.zeros((8, 2))}, "(L, 3)"),
+        ("What is <protein> ?", {"sequence": "MKTAYIAK", "coords": np.zeros((7, 3))}, "(8, 3)"),
+        (
+            "What is <protein> ?",
+            {"sequence": "MKTAYIAK", "coords": np.full((8, 3), np.nan), "coords_mask": np.ones(8, bool)},
+            "NaN/inf",
+        ),
+        (
+            "What is <protein> ?",
+            {"sequence": "MKTAYIAK", "coords": np.full((8, 3), np.inf), "coords_mask": np.ones(8, bool)},
+            "NaN/inf",
+        ),
+        (
+            "What is <protein> ?",
+            {"sequence": "MKTAYIAK", "coords_mask": np.ones(8, bool)},
+            "coords_mask given without coords",
+        ),
+        ("<protein> and <protein>", "MKTAYIAK", "2 `<protein>` tags but 1 proteins"),
+        ("", "MKTAYIAK", "empty question"),
+        ("What is <protein> ?", str(STRUCTURES / "missing.pdb"), "missing.pdb"),
+        ("What is <protein> ?", {"structure": STRUCTURES / "biopython__2BEG.cif", "chain": "Z"}, "Z"),
+        ("What is <protein> ?", 42, "cannot read a protein"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_problem(processor, text, proteins, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        processor(text=text, proteins=proteins)
