@@ -402,7 +402,8 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         """A SEPIT model from an ESM-2 checkpoint and a causal-LM checkpoint (names or paths, as for
         `from_pretrained`), with a fresh structure module and projector.
 
-        Without `protein_token_id`, one embedding row is appended to the LLM vocabulary for `<protein>`. Keyword
+        Without `protein_token_id`, one embedding row is appended to the LLM vocabulary for `<protein>`; pass
+        `SepitProcessor.protein_token_id` to match a processor (embeddings grow to hold it if needed). Keyword
         arguments go to `SepitConfig` when they name one of its fields, else to both `from_pretrained` calls
         (`dtype`, `revision`, `token`, ...).
         """
@@ -414,6 +415,8 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         text_config = causal_lm.config
         if protein_token_id is None:
             protein_token_id = text_config.vocab_size
+        if protein_token_id >= text_config.vocab_size:
+            # e.g. the id a SepitProcessor gave `<protein>` when it added the token to the LLM tokenizer
             causal_lm.resize_token_embeddings(protein_token_id + 1, mean_resizing=True)
         config = SepitConfig(
             protein_config=protein_model.config,

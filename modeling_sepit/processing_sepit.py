@@ -2,6 +2,7 @@
 coordinates or structure files) to the tensors `SepitForConditionalGeneration` takes."""
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
 
 
@@ -327,6 +329,11 @@ class SepitProcessor(ProcessorMixin):
             if not chat or not all(isinstance(m, dict) and "role" in m and "content" in m for m in chat):
                 raise ValueError(f"conversation[{i}]: give a non-empty list of {{'role', 'content'}} messages")
         template = chat_template or self.chat_template
+        if not add_generation_prompt and tokenize and not GENERATION_TAG.search(template):
+            raise ValueError(
+                "chat_template: training inputs need `{% generation %}` ... `{% endgeneration %}` around assistant "
+                "replies to place labels; this template has none (use the default template or add the tags)"
+            )
         rendered, spans = render_jinja_template(
             conversations,
             chat_template=template,

@@ -29,6 +29,26 @@ def test_default_template_reproduces_the_original_prompts(processor):
             assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == prompt
 
 
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_the_llm_tokenizers_own_chat_template_can_be_used(processor, real_proteins):
+    chat = [{"role": "user", "content": "What is <protein> ?"}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, chat_template=CHATML)
+    assert text == "<|im_start|>user\nWhat is <protein> ?<|im_end|>\n<|im_start|>assistant\n"
+    out = processor.apply_chat_template(
+        chat, proteins=[real_proteins[2][0]], add_generation_prompt=True, chat_template=CHATML
+    )
+    assert (out["input_ids"] == processor.protein_token_id).sum() == len(real_proteins[2][0]) + 2
+    with pytest.raises(ValueError, match="generation"):
+        processor.apply_chat_template(
+            chat + [{"role": "assistant", "content": "x"}], proteins=["MKT"], chat_template=CHATML
+        )
+
+
 def test_each_protein_tag_expands_to_its_feature_positions(processor, real_proteins):
     (lysozyme, ca), (headpiece, _) = real_proteins[0], real_proteins[1]
     out = processor(
