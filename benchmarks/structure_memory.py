@@ -22,6 +22,7 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/structure_memory.py            # run everything, print the table, update README.md
     .venv/bin/python benchmarks/structure_memory.py --worker IMPL LENGTH MODE   # one measurement (internal)
+    .venv/bin/python benchmarks/structure_memory.py --time LENGTH MODE          # interleaved timing (internal)
     .venv/bin/python benchmarks/structure_memory.py --check LENGTH              # one equality check (internal)
 """
 
@@ -200,6 +201,30 @@ def worker(impl: str, length: int, mode: str) -> dict[str, object]:
     return result
 
 
+def time_interleaved(length: int, mode: str) -> dict[str, object]:
+    """Both implementations timed in one interpreter, alternating call by call, so that a change in the machine's other
+    load during the run hits both alike (meant to run in a fresh interpreter; memory is not measured here)."""
+    torch.set_num_threads(NUM_THREADS)
+    ours = make_ours(make_config())
+    modules: dict[str, nn.Module] = {"ours": ours, "direct": DirectStructureBias.from_ours(ours)}
+    backward = mode == "forward+backward"
+    warmup_coords, warmup_mask = make_inputs(WARMUP_LENGTH)
+    for impl, module in modules.items():
+        module.requires_grad_(backward)
+        run_module(impl, module, warmup_coords, warmup_mask, backward)
+    coords, mask = make_inputs(length)
+    times: dict[str, list[float]] = {impl: [] for impl in modules}
+    try:
+        for _ in range(REPEATS):
+            for impl, module in modules.items():
+                start = time.perf_counter()
+                run_module(impl, module, coords, mask, backward)
+                times[impl].append(time.perf_counter() - start)
+    except (MemoryError, RuntimeError) as error:
+        return {"error": f"OOM ({type(error).__name__}: {str(error)[:200]})"}
+    return {impl: {"seconds": statistics.median(ts), "all_seconds": ts} for impl, ts in times.items()}
+
+
 def check(length: int) -> dict[str, object]:
     """Bias / embedding equality (and, at the shortest length, gradient equality) of both implementations."""
     torch.set_num_threads(NUM_THREADS)
@@ -259,17 +284,20 @@ def _peak(row: dict[str, object], key: str) -> str:
     return str(measured["error"]).split()[0] if "error" in measured else f"{measured['peak_mib']:.1f}"
 
 
+def _seconds(measured: dict[str, object]) -> str:
+    return str(measured["error"]).split()[0] if "error" in measured else f"{measured['seconds']:.3f}"
+
+
 def format_table(results: list[dict[str, object]]) -> str:
     lines = [
-        "| L | mode | impl | peak MiB (default malloc) | peak MiB (fixed mmap threshold) | median s |",
-        "|---:|---|---|---:|---:|---:|",
+        "| L | mode | impl | peak MiB (default malloc) | peak MiB (fixed mmap threshold) | median s (own process) "
+        "| median s (interleaved) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in results:
-        default = row["default"]
-        seconds = str(default["error"]).split()[0] if "error" in default else f"{default['seconds']:.3f}"
         lines.append(
             f"| {row['length']} | {row['mode']} | {row['impl']} | {_peak(row, 'default')} | "
-            f"{_peak(row, 'fixed_mmap')} | {seconds} |"
+            f"{_peak(row, 'fixed_mmap')} | {_seconds(row['default'])} | {_seconds(row['interleaved'])} |"
         )
     return "\n".join(lines)
 
@@ -284,8 +312,9 @@ def _ratio(ours: dict[str, object], direct: dict[str, object], key: str) -> str:
 def format_ratios(results: list[dict[str, object]]) -> str:
     index = {(r["length"], r["mode"], r["impl"]): r for r in results}
     lines = [
-        "| L | mode | memory ours/direct (default malloc) | memory (fixed mmap threshold) | time ours/direct |",
-        "|---:|---|---:|---:|---:|",
+        "| L | mode | memory (default malloc) | memory (fixed mmap threshold) | time (own process) "
+        "| time (interleaved) |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for length in LENGTHS:
         for mode in MODES:
@@ -293,7 +322,8 @@ def format_ratios(results: list[dict[str, object]]) -> str:
             default = _ratio(ours["default"], direct["default"], "peak_mib")
             fixed = _ratio(ours["fixed_mmap"], direct["fixed_mmap"], "peak_mib")
             seconds = _ratio(ours["default"], direct["default"], "seconds")
-            lines.append(f"| {length} | {mode} | {default} | {fixed} | {seconds} |")
+            interleaved = _ratio(ours["interleaved"], direct["interleaved"], "seconds")
+            lines.append(f"| {length} | {mode} | {default} | {fixed} | {seconds} | {interleaved} |")
     return "\n".join(lines)
 
 
@@ -322,6 +352,8 @@ def main() -> None:
     results = []
     for length in LENGTHS:
         for mode in MODES:
+            interleaved = run_subprocess(["--time", str(length), mode])
+            print(json.dumps({"length": length, "mode": mode, "interleaved": interleaved}), flush=True)
             for impl in IMPLS:
                 args = ["--worker", impl, str(length), mode]
                 result = {
@@ -330,6 +362,7 @@ def main() -> None:
                     "mode": mode,
                     "default": run_subprocess(args),
                     "fixed_mmap": run_subprocess(args, FIXED_MMAP_ENV),
+                    "interleaved": interleaved if "error" in interleaved else interleaved[impl],
                 }
                 print(json.dumps(result), flush=True)
                 results.append(result)
@@ -355,7 +388,9 @@ def main() -> None:
             f"call, each row in a fresh interpreter after a warm-up at L = {WARMUP_LENGTH}, measured twice: with "
             "glibc's default malloc settings, and with `MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=65536` "
             "(fixed mmap threshold: freed tensors go back to the OS, so the RSS peak tracks live tensor memory rather "
-            f"than what the allocator keeps). Time is the median of {REPEATS} calls in the default-malloc run.",
+            f"than what the allocator keeps). Time is the median of {REPEATS} calls, in the default-malloc process of "
+            "that row (own process) and in one process per (L, mode) that alternates the two implementations call by "
+            "call (interleaved, less exposed to changes in the machine's other load).",
             "",
             format_table(results),
             "",
@@ -379,6 +414,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--time":
+        print(json.dumps(time_interleaved(int(sys.argv[2]), sys.argv[3])))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--check":
         print(json.dumps(check(int(sys.argv[2]))))
     else:

@@ -13,7 +13,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .structure_loading import VALID_AMINO_ACIDS, ProteinStructure, align_structure_to_sequence, load_structure
+from .structure_loading import ProteinStructure, align_structure_to_sequence, check_sequence, load_structure
 
 logger = logging.get_logger(__name__)
 
@@ -46,19 +46,6 @@ class ProteinInput:
     sequence: str
     coords: np.ndarray | None = None
     coords_mask: np.ndarray | None = None
-
-
-def _check_sequence(sequence: object, where: str) -> str:
-    if not isinstance(sequence, str) or not sequence:
-        raise ValueError(f"{where}: the sequence is empty or not a string; give one-letter amino-acid codes")
-    invalid = [(i, letter) for i, letter in enumerate(sequence) if letter not in VALID_AMINO_ACIDS]
-    if invalid:
-        shown = ", ".join(f"{letter!r} at {i}" for i, letter in invalid[:5])
-        raise ValueError(
-            f"{where}: invalid amino-acid letters ({shown}); use uppercase one-letter codes from "
-            f"{''.join(sorted(VALID_AMINO_ACIDS))}"
-        )
-    return sequence
 
 
 def _check_coords(coords: object, mask: object, length: int, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +91,7 @@ def to_protein_input(protein: object, where: str = "protein") -> ProteinInput:
     if _is_structure_path(protein):
         return to_protein_input(load_structure(protein), where)
     if isinstance(protein, str):
-        return ProteinInput(_check_sequence(protein, where))
+        return ProteinInput(check_sequence(protein, where))
     if isinstance(protein, dict):
         unknown = set(protein) - {"sequence", "coords", "coords_mask", "plddt", "structure", "chain"}
         if unknown:
@@ -117,10 +104,10 @@ def to_protein_input(protein: object, where: str = "protein") -> ProteinInput:
                 structure = load_structure(structure, chain=protein.get("chain"))
             if protein.get("sequence") is None:
                 return to_protein_input(structure, where)
-            sequence = _check_sequence(protein["sequence"], where)
+            sequence = check_sequence(protein["sequence"], where)
             coords, mask = align_structure_to_sequence(structure, sequence)
             return ProteinInput(sequence, *_check_coords(coords, mask, len(sequence), where))
-        sequence = _check_sequence(protein.get("sequence"), where)
+        sequence = check_sequence(protein.get("sequence"), where)
         if protein.get("coords") is None:
             if protein.get("coords_mask") is not None:
                 raise ValueError(f"{where}: coords_mask given without coords")

@@ -9,7 +9,7 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import biotite.structure as struc
@@ -79,7 +79,7 @@ def load_structure(path: str | os.PathLike, chain: str | None = None) -> Protein
 def align_structure_to_sequence(structure: ProteinStructure, sequence: str) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates for every residue of `sequence` (NaN where the structure has none) and their presence mask, from a
     global alignment with free end gaps, so a structure of a fragment lands on the right residues of the full chain."""
-    _check_sequence(sequence)
+    check_sequence(sequence)
     if not structure.sequence:
         raise ValueError(f"{structure.source}: the structure has no residues to align")
     alignment = _aligner().align(_for_blosum(structure.sequence), _for_blosum(sequence))[0]
@@ -188,17 +188,20 @@ def _one_letter(res_name: str) -> str:
     return letter if letter in VALID_AMINO_ACIDS else "X"
 
 
-def _check_sequence(sequence: str) -> None:
+def check_sequence(sequence: object, where: str = "sequence") -> str:
+    """The sequence itself when it is non-empty uppercase one-letter amino-acid codes; else a ValueError naming `where`
+    and the offending letters."""
     if not isinstance(sequence, str) or not sequence:
-        raise ValueError("the sequence to align the structure to is empty or not a string")
+        raise ValueError(f"{where}: the sequence is empty or not a string; give one-letter amino-acid codes")
     invalid = [(i, letter) for i, letter in enumerate(sequence) if letter not in VALID_AMINO_ACIDS]
     if invalid:
         shown = ", ".join(f"{letter!r} at {i}" for i, letter in invalid[:5])
         more = f" and {len(invalid) - 5} more" if len(invalid) > 5 else ""
         raise ValueError(
-            f"invalid amino-acid letters in the sequence ({shown}{more}); use uppercase one-letter codes from "
+            f"{where}: invalid amino-acid letters ({shown}{more}); use uppercase one-letter codes from "
             f"{''.join(sorted(VALID_AMINO_ACIDS))}"
         )
+    return sequence
 
 
 def _for_blosum(sequence: str) -> str:
@@ -206,8 +209,9 @@ def _for_blosum(sequence: str) -> str:
     return sequence.translate(_BLOSUM_STAND_INS)
 
 
-@lru_cache(maxsize=1)
+@cache
 def _aligner() -> PairwiseAligner:
+    # end_gap_score must come after the gap scores: their setters also set the end-gap scores.
     return PairwiseAligner(
         mode="global",
         substitution_matrix=substitution_matrices.load("BLOSUM62"),
