@@ -9,9 +9,7 @@ The converted model runs in `original_compat` mode, which reproduces the release
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, EsmConfig, HfArgumentParser
 
+from .atomic_folder import atomic_folder
 from .configuration_sepit import SepitConfig
 from .modeling_sepit import SepitForConditionalGeneration
 from .processing_sepit import SepitProcessor
@@ -197,9 +196,7 @@ def convert(
     model.load_state_dict(state_dict, strict=True)
     model.eval()
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizers = {name: input_dir / name for name in ("text_tokenizer", "protein_tokenizer")}
         missing = [name for name, path in tokenizers.items() if not path.is_dir()]
@@ -218,15 +215,6 @@ def convert(
                 f"{config.protein_token_id}"
             )
         processor.save_pretrained(staging)
-        if output_dir.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
-            os.replace(output_dir, backup / output_dir.name)
-            os.replace(staging, output_dir)
-            shutil.rmtree(backup)
-        else:
-            os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return model
 
 

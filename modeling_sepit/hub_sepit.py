@@ -1,13 +1,12 @@
 """A Hub-ready SEPIT folder (model, processor, pipeline code, `auto_map`) and its upload."""
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
 from transformers import pipeline
 
+from .atomic_folder import atomic_folder
 from .modeling_sepit import SepitForConditionalGeneration
 from .processing_sepit import SepitProcessor
 
@@ -15,23 +14,11 @@ from .processing_sepit import SepitProcessor
 def save_hub_folder(model: SepitForConditionalGeneration, processor: SepitProcessor, folder: str | os.PathLike) -> Path:
     """Write model weights (safetensors), config with `auto_map` and `custom_pipelines`, the remote code, the processor
     (both tokenizers, chat template) into `folder`, atomically: a crash leaves the previous folder intact."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         qa = pipeline("protein-qa", model=model, processor=processor)
         qa.save_pretrained(staging)  # model, config.custom_pipelines, pipeline and modeling code
         processor.save_pretrained(staging)  # pipelines do not save a ProcessorMixin themselves
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, retired / folder.name)
-            os.replace(staging, folder)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def push_hub_folder(

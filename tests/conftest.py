@@ -1,6 +1,8 @@
 """Shared test helpers: tiny SEPIT configs and real proteins (sequence + C-alpha coordinates) from PDB files."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import biotite.structure as struc
@@ -119,3 +121,16 @@ def pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, span] = torch.tensor(row)
         mask[i, span] = 1
     return ids, mask
+
+
+def run_in_fresh_python(script: str, args: list[str], workdir: Path) -> str:
+    """Run `script` in a new interpreter that cannot import this project (only saved folders' remote code); return
+    its stdout, failing the test with its stderr if it fails."""
+    path = workdir / "fresh_process_check.py"
+    path.write_text(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(workdir / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(path), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

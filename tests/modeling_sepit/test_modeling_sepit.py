@@ -1,9 +1,6 @@
 """SEPIT model: encoder equivalences, splicing, batching, generation, MoE upcycling, saving and remote code."""
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, EsmModel, LlamaConfig, LlamaForCausalLM
 
 from modeling_sepit import SepitConfig, SepitForConditionalGeneration
-from tests.conftest import PAD_ID, PROTEIN_TOKEN_ID, pad, prompt_ids, protein_batch, tiny_config
+from tests.conftest import PAD_ID, PROTEIN_TOKEN_ID, pad, prompt_ids, protein_batch, run_in_fresh_python, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -180,18 +177,9 @@ def test_remote_code_load_in_a_fresh_process(model, real_proteins, protein_token
     ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
     inputs = {"input_ids": ids, "attention_mask": mask, **batch}
     torch.save(inputs, tmp_path / "inputs.pt")
-    script = tmp_path / "check.py"
-    script.write_text(REMOTE_CODE_CHECK)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_in_fresh_python(
+        REMOTE_CODE_CHECK, [str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt", weights_only=True)["logits"]
     with torch.no_grad():
         assert torch.equal(remote, model(**inputs).logits)

@@ -1,9 +1,6 @@
 """pipeline("protein-qa"): converted original checkpoints answer as the original did; batching; remote code; Hub."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
@@ -14,7 +11,7 @@ from transformers import AutoProcessor, pipeline
 from modeling_sepit import SepitForConditionalGeneration
 from modeling_sepit.convert_original_sepit import convert
 from modeling_sepit.hub_sepit import push_hub_folder, save_hub_folder
-from tests.conftest import ORIGINAL, STRUCTURES
+from tests.conftest import ORIGINAL, STRUCTURES, run_in_fresh_python
 
 
 @pytest.fixture(scope="module")
@@ -116,18 +113,8 @@ def test_hub_folder_works_with_remote_code_in_a_fresh_process(converted, tmp_pat
         if "coords" in request:
             request["coords"] = request["coords"].tolist()
     (tmp_path / "requests.json").write_text(json.dumps(requests))
-    (tmp_path / "check.py").write_text(REMOTE_PIPELINE)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "check.py"), str(folder), str(tmp_path / "requests.json")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == answers
+    stdout = run_in_fresh_python(REMOTE_PIPELINE, [str(folder), str(tmp_path / "requests.json")], tmp_path)
+    assert json.loads(stdout.strip().splitlines()[-1]) == answers
 
 
 def test_push_uploads_the_folder_at_the_network_boundary(converted, tmp_path):
