@@ -296,3 +296,26 @@ def test_bad_inputs_raise_value_error_naming_the_field(model, real_proteins, pro
 def test_protein_tags_without_proteins_raise(model):
     with pytest.raises(ValueError, match="protein_input_ids"):
         model(input_ids=torch.tensor([[1, PROTEIN_TOKEN_ID, 5]]))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_proteins, protein_tokenizer):
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(tiny_config(num_experts=2, structure_embedding_scale=0.1)).train()
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    labels = ids.masked_fill((mask == 0) | (ids == PROTEIN_TOKEN_ID), -100)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **batch, output_router_logits=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.activation_checkpointing_enable()
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    assert any("structure_module" in name for name in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
