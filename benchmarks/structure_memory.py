@@ -332,7 +332,7 @@ def update_readme(section: str) -> None:
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(README_HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
+        text = pattern.sub(lambda match: section + ("\n" if match.end() == len(text) else "\n\n"), text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     readme.write_text(text)

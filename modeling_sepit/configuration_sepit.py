@@ -30,8 +30,8 @@ class SepitConfig(PreTrainedConfig):
         projector_hidden_act (`str`): activation between the two projector layers.
         num_gaussian_kernels (`int`): Gaussian basis functions over pairwise C-alpha distances.
         structure_embedding_scale (`float`): scale of the structural term added to the residue embeddings.
-        structure_pairs_per_chunk (`int`): residue pairs whose kernels are expanded at once; bounds the structure
-            module's memory independently of `num_gaussian_kernels`.
+        structure_chunk_size (`int`): kernel values (residue pairs x kernels) expanded at once; the structure module's
+            temporaries stay within this budget whatever the length and `num_gaussian_kernels`.
         original_compat (`bool`): reproduce the original release (converted checkpoints): every padded protein position
             is spliced and attended, the structure bias covers the `[1:-1]` block of the padded length with
             coordinate-less queries included, and embeddings of pad-id tokens are zeroed.
@@ -53,7 +53,7 @@ class SepitConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     num_gaussian_kernels: int = 128
     structure_embedding_scale: float = 0.01
-    structure_pairs_per_chunk: int = 32768
+    structure_chunk_size: int = 4_194_304
     original_compat: bool = False
     tie_word_embeddings: bool = False
     num_experts: int | None = None
@@ -87,8 +87,8 @@ class SepitConfig(PreTrainedConfig):
             raise ValueError(f"protein_feature_layer={self.protein_feature_layer} is outside [-{layers + 1}, {layers}]")
         if self.num_gaussian_kernels < 1:
             raise ValueError(f"num_gaussian_kernels must be >= 1, got {self.num_gaussian_kernels}")
-        if self.structure_pairs_per_chunk < 1:
-            raise ValueError(f"structure_pairs_per_chunk must be >= 1, got {self.structure_pairs_per_chunk}")
+        if self.structure_chunk_size < 1:
+            raise ValueError(f"structure_chunk_size must be >= 1, got {self.structure_chunk_size}")
         experts = self.text_config.num_experts
         if experts is not None:
             if experts < 1:

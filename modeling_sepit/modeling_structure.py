@@ -1,8 +1,9 @@
 """SEPIT's structure module: pairwise C-alpha distances -> Gaussian kernels -> per-head attention bias.
 
-The kernels of every residue pair (K of them) are never held for the whole protein at once: pairs are processed in
-row chunks of about `structure_pairs_per_chunk` pairs, and under autograd each chunk is recomputed in the backward pass
-(activation checkpointing), so peak memory does not grow with K.
+The kernels of every residue pair (K of them) are never held for the whole protein at once: query rows are processed
+in chunks of at most `structure_chunk_size` kernel values (pairs x K), each written into one preallocated bias, and
+under autograd each chunk is recomputed in the backward pass (activation checkpointing). Memory is the bias itself
+(N x heads x L x L) plus one chunk's temporaries, a fixed budget: it does not grow with K.
 """
 
 import math
@@ -37,7 +38,7 @@ class SepitStructureModule(nn.Module):
         kernels = config.num_gaussian_kernels
         heads = config.protein_config.num_attention_heads
         self.embedding_scale = config.structure_embedding_scale
-        self.pairs_per_chunk = config.structure_pairs_per_chunk
+        self.chunk_size = config.structure_chunk_size
         self.original_compat = config.original_compat
         self.gaussian_kernels = SepitGaussianKernels(kernels)
         self.kernel_proj_in = nn.Linear(kernels, kernels)
@@ -47,12 +48,12 @@ class SepitStructureModule(nn.Module):
     def _pair_chunk(
         self, query_coords: torch.Tensor, key_coords: torch.Tensor, query_mask: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bias (N, rows, P, heads) and kernel sums over keys (N, rows, K) for one block of query rows."""
+        """Bias (N, heads, rows, P) and kernel sums over keys (N, rows, K) for one block of query rows."""
         distances = (query_coords.unsqueeze(2) - key_coords.unsqueeze(1)).norm(dim=-1)
         kernels = self.gaussian_kernels(distances).to(self.kernel_proj_in.weight.dtype)
         bias = self.kernel_proj_out(F.gelu(self.kernel_proj_in(kernels)))
         pair_mask = query_mask.unsqueeze(2) & key_mask.unsqueeze(1)
-        bias = bias.masked_fill(~pair_mask.unsqueeze(-1), 0.0)
+        bias = bias.masked_fill(~pair_mask.unsqueeze(-1), 0.0).permute(0, 3, 1, 2)
         kernel_sums = None
         if self.embedding_scale != 0:
             kernel_sums = (kernels * key_mask[:, None, :, None].to(kernels.dtype)).sum(dim=2)
@@ -83,18 +84,21 @@ class SepitStructureModule(nn.Module):
             key_mask = coords_mask & inner
             query_mask = inner.expand(num_proteins, length)
 
-        rows = max(1, self.pairs_per_chunk // length)
+        rows = max(1, self.chunk_size // (length * self.gaussian_kernels.means.numel()))
         recompute = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        biases, kernel_sums = [], []
+        heads = self.kernel_proj_out.out_features
+        attention_bias = coords.new_empty(
+            (num_proteins, heads, length, length), dtype=self.kernel_proj_out.weight.dtype
+        )
+        kernel_sums = []
         for start in range(0, length, rows):
             block = slice(start, start + rows)
             args = (coords[:, block], coords, query_mask[:, block], key_mask)
             bias, sums = (
                 checkpoint(self._pair_chunk, *args, use_reentrant=False) if recompute else self._pair_chunk(*args)
             )
-            biases.append(bias)
+            attention_bias[:, :, block] = bias
             kernel_sums.append(sums)
-        attention_bias = torch.cat(biases, dim=1).permute(0, 3, 1, 2)
 
         embedding_term = None
         if self.embedding_scale != 0:

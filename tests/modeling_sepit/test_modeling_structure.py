@@ -33,9 +33,9 @@ def make_module(**overrides) -> SepitStructureModule:
     return model.model.structure_module
 
 
-@pytest.mark.parametrize("pairs_per_chunk", [7, 32768])
-def test_bias_and_embedding_term_match_float64_formula(real_proteins, pairs_per_chunk):
-    module = make_module(structure_pairs_per_chunk=pairs_per_chunk, structure_embedding_scale=0.5)
+@pytest.mark.parametrize("chunk_size", [7, 4_194_304])
+def test_bias_and_embedding_term_match_float64_formula(real_proteins, chunk_size):
+    module = make_module(structure_chunk_size=chunk_size, structure_embedding_scale=0.5)
     sequence, ca = real_proteins[1]
     coords = ca[None]
     mask = torch.ones(1, len(sequence), dtype=torch.bool)
@@ -49,7 +49,7 @@ def test_bias_and_embedding_term_match_float64_formula(real_proteins, pairs_per_
 
 
 def test_chunked_backward_matches_direct_gradients(real_proteins):
-    module = make_module(structure_pairs_per_chunk=50, structure_embedding_scale=0.5)
+    module = make_module(structure_chunk_size=50 * 16, structure_embedding_scale=0.5)
     _, ca = real_proteins[2]
     mask = torch.ones(1, ca.shape[0], dtype=torch.bool)
     bias, emb = module(ca[None], mask)
@@ -57,7 +57,7 @@ def test_chunked_backward_matches_direct_gradients(real_proteins):
     chunked = {name: p.grad.clone() for name, p in module.named_parameters()}
 
     module.zero_grad()
-    module.pairs_per_chunk = 10**9
+    module.chunk_size = 10**9
     bias, emb = module(ca[None], mask)
     (bias.square().sum() + emb.sum()).backward()
     for name, p in module.named_parameters():
