@@ -368,7 +368,7 @@ def main() -> None:
                 results.append(result)
 
     load_after = os.getloadavg()[0]
-    command = "cd /work/main && .venv/bin/python benchmarks/structure_memory.py"
+    command = ".venv/bin/python benchmarks/structure_memory.py  (from the repository root)"
     machine = (
         f"{platform.machine()} CPU, `nproc` = {os.cpu_count()}, torch.set_num_threads({NUM_THREADS}), "
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}; "

@@ -1,4 +1,4 @@
-"""The UniProtKB readers on the real demo corpus shipped in dataset_card/data/uniprot (copies of /work/shared/data)."""
+"""The UniProtKB readers on the real demo corpus shipped in dataset_card/data/uniprot (see its SOURCES.md files)."""
 
 import gzip
 import re
