@@ -319,3 +319,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_proteins,
     assert any("structure_module" in name for name in plain_grads)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_trl_fused_lm_head_sees_the_spliced_sequence_and_the_router_loss(real_proteins, protein_tokenizer):
+    """TRL's SFTTrainer trains through `model.base_model(**inputs)` and the output embeddings, not `forward`."""
+    add_fused_lm_head = pytest.importorskip("trl.trainer.utils").add_fused_lm_head
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(tiny_config(num_experts=2, router_aux_loss_coef=0.1))
+    model.config.get_text_config().output_router_logits = True
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    labels = ids.masked_fill((mask == 0) | (ids == PROTEIN_TOKEN_ID), -100)
+    ours = model(input_ids=ids, attention_mask=mask, labels=labels, **batch, output_router_logits=True)
+    add_fused_lm_head(model)
+    fused = model(input_ids=ids, attention_mask=mask, labels=labels, **batch, fused_lm_head=True)
+    torch.testing.assert_close(fused.aux_loss, ours.aux_loss)
+    torch.testing.assert_close(fused.loss, ours.loss, atol=1e-5, rtol=1e-5)
