@@ -36,7 +36,7 @@ def push_hub_folder(
     commit = api.upload_folder(
         folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message or "Upload SEPIT"
     )
-    return str(commit.commit_url if hasattr(commit, "commit_url") else commit)
+    return str(commit)  # a CommitInfo is the commit URL (a str subclass)
 
 
 __all__ = ["push_hub_folder", "save_hub_folder"]

@@ -120,12 +120,19 @@ class SepitModel(SepitPreTrainedModel):
         Feature positions are the tokens with `protein_attention_mask == 1` (`<cls>`, residues, `<eos>`), or every
         padded position under `original_compat`.
         """
-        if protein_attention_mask is None:
-            protein_attention_mask = torch.ones_like(protein_input_ids)
-        protein_attention_mask = protein_attention_mask.to(torch.long)
-        coords_mask = validate_protein_inputs(
+        protein_attention_mask, coords_mask = validate_protein_inputs(
             protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
         )
+        return self._encode_proteins(protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
+
+    def _encode_proteins(
+        self,
+        protein_input_ids: torch.LongTensor,
+        protein_attention_mask: torch.Tensor,
+        protein_coords: torch.Tensor | None,
+        coords_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`get_protein_features` on inputs `validate_protein_inputs` has checked."""
         embeddings = self.protein_model.embeddings(input_ids=protein_input_ids, attention_mask=protein_attention_mask)
         encoder_mask = protein_attention_mask
         if coords_mask is not None:
@@ -138,10 +145,12 @@ class SepitModel(SepitPreTrainedModel):
                 encoder_mask = attention_bias.to(embeddings.dtype).masked_fill(
                     padding, torch.finfo(embeddings.dtype).min
                 )
+        layer = self.config.protein_feature_layer
+        # Only the projected layer's hidden state is kept (transformers' hidden-state selection), not all of them.
         encoder_outputs = self.protein_model(
-            inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=True, return_dict=True
+            inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=[layer], return_dict=True
         )
-        selected = encoder_outputs.hidden_states[self.config.protein_feature_layer]
+        selected = encoder_outputs.hidden_states[layer]
         if not self.config.original_compat:
             selected = selected[protein_attention_mask.bool()]
         return self.multi_modal_projector(selected.reshape(-1, selected.shape[-1]))
@@ -175,16 +184,21 @@ class SepitModel(SepitPreTrainedModel):
         if protein_input_ids is not None:
             if placeholder is None:
                 raise ValueError("`protein_input_ids` need `input_ids`, where `<protein>` tokens mark their places.")
-            protein_features = self.get_protein_features(
+            protein_attention_mask, coords_mask = validate_protein_inputs(
                 protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
             )
+            # Checked before the encoder runs: a mismatch fails at once, naming the fields.
+            positions = protein_input_ids.numel() if self.config.original_compat else int(protein_attention_mask.sum())
             placeholders = int(placeholder.sum())
-            if placeholders != protein_features.shape[0]:
+            if placeholders != positions:
                 raise ValueError(
                     f"`input_ids` hold {placeholders} `<protein>` tokens but the {protein_input_ids.shape[0]} proteins "
-                    f"in `protein_input_ids` have {protein_features.shape[0]} feature positions: build inputs with "
+                    f"in `protein_input_ids` have {positions} feature positions: build inputs with "
                     "SepitProcessor, which expands each `<protein>` to its protein's feature positions."
                 )
+            protein_features = self._encode_proteins(
+                protein_input_ids, protein_attention_mask, protein_coords, coords_mask
+            )
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.dtype)
             )
@@ -227,14 +241,18 @@ class SepitModel(SepitPreTrainedModel):
 
 def validate_protein_inputs(
     protein_input_ids: torch.Tensor,
-    protein_attention_mask: torch.Tensor,
+    protein_attention_mask: torch.Tensor | None,
     protein_coords: torch.Tensor | None,
     protein_coords_mask: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Check the protein tensors against each other; return the coordinate mask (None without coordinates)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check the protein tensors against each other; return the attention mask (all ones when not given) and the
+    coordinate mask (None without coordinates)."""
     if protein_input_ids.ndim != 2:
         raise ValueError(f"protein_input_ids must be (num_proteins, P), got shape {tuple(protein_input_ids.shape)}")
     shape = tuple(protein_input_ids.shape)
+    if protein_attention_mask is None:
+        protein_attention_mask = torch.ones_like(protein_input_ids)
+    protein_attention_mask = protein_attention_mask.to(torch.long)
     if tuple(protein_attention_mask.shape) != shape:
         raise ValueError(
             f"protein_attention_mask has shape {tuple(protein_attention_mask.shape)}; it must match "
@@ -243,7 +261,7 @@ def validate_protein_inputs(
     if protein_coords is None:
         if protein_coords_mask is not None and bool(protein_coords_mask.any()):
             raise ValueError("protein_coords_mask marks residues with coordinates but protein_coords is missing")
-        return None
+        return protein_attention_mask, None
     if tuple(protein_coords.shape) != (*shape, 3):
         raise ValueError(
             f"protein_coords must have shape (num_proteins, P, 3) = {(*shape, 3)} aligned with protein_input_ids, "
@@ -263,7 +281,7 @@ def validate_protein_inputs(
             f"protein_coords has NaN/inf at protein {protein}, position {position} where protein_coords_mask says the "
             "residue has coordinates: set the mask to False there"
         )
-    return coords_mask
+    return protein_attention_mask, coords_mask
 
 
 class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
