@@ -272,6 +272,14 @@ YES_NO: tuple[PropertyKind, ...] = (
 _NEGATIVE_TRIES = 16
 
 
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "Describe the protein <protein>.",
+    "<protein> Give a functional description of this protein.",
+    "What can you tell me about this protein? <protein>",
+    "Summarize the known properties of the protein <protein>.",
+)
+
+
 def caption(entry: UniProtEntry) -> str:
     """A one-paragraph description of the protein (stage 0/1 captioning) made only of the entry's own texts."""
     parts: list[str] = []
@@ -293,6 +301,14 @@ def caption(entry: UniProtEntry) -> str:
     return " ".join(parts)
 
 
+def caption_instruction(entry: UniProtEntry, rng: random.Random) -> Instruction | None:
+    """The stage-1 captioning instruction (a templated request for a description, the caption as answer)."""
+    text = caption(entry)
+    if not text:
+        return None
+    return Instruction(entry.accession, "caption", rng.choice(CAPTION_TEMPLATES), text, "caption")
+
+
 def open_ended_questions(entry: UniProtEntry, rng: random.Random) -> list[Instruction]:
     """One question per property the entry has, with a template drawn from `rng` and the entry's text as answer."""
     instructions = []
@@ -304,32 +320,72 @@ def open_ended_questions(entry: UniProtEntry, rng: random.Random) -> list[Instru
     return instructions
 
 
-def _negative(pool: list[str], own: set[str], rng: random.Random) -> str | None:
-    """A value of this type that the protein does not have: a few random draws, then an exhaustive fallback."""
-    for _ in range(_NEGATIVE_TRIES):
-        value = rng.choice(pool)
-        if value not in own:
-            return value
-    candidates = [value for value in pool if value not in own]
-    return rng.choice(candidates) if candidates else None
+class ValuePools:
+    """Per-type pools of distinct property values that yes/no negatives are drawn from.
+
+    A pool keeps at most `capacity` values (reservoir sampling over the distinct values seen), so a build over all of
+    Swiss-Prot holds a bounded sample rather than every GO term and keyword of every protein.
+    """
+
+    def __init__(self, capacity: int = 50_000, seed: int = 0):
+        self.capacity = capacity
+        self._rng = random.Random(seed)
+        self._pools: dict[str, list[str]] = {kind.type: [] for kind in YES_NO}
+        self._members: dict[str, set[str]] = {kind.type: set() for kind in YES_NO}
+        self._seen: dict[str, int] = {kind.type: 0 for kind in YES_NO}
+
+    def add(self, entry: UniProtEntry) -> None:
+        for kind in YES_NO:
+            pool, members = self._pools[kind.type], self._members[kind.type]
+            for value in getattr(entry, kind.field):
+                if value in members:
+                    continue
+                self._seen[kind.type] += 1
+                if len(pool) < self.capacity:
+                    pool.append(value)
+                    members.add(value)
+                    continue
+                slot = self._rng.randrange(self._seen[kind.type])
+                if slot < self.capacity:
+                    members.discard(pool[slot])
+                    pool[slot] = value
+                    members.add(value)
+
+    def negative(self, kind: PropertyKind, own: set[str], rng: random.Random) -> str | None:
+        """A value of this type that the protein does not have: a few random draws, then an exhaustive fallback."""
+        pool = self._pools[kind.type]
+        if not pool:
+            return None
+        for _ in range(_NEGATIVE_TRIES):
+            value = rng.choice(pool)
+            if value not in own:
+                return value
+        candidates = [value for value in pool if value not in own]
+        return rng.choice(candidates) if candidates else None
 
 
-def yes_no_questions(entries: Sequence[UniProtEntry], rng: random.Random) -> list[Instruction]:
-    """Closed questions in Yes/No pairs per (protein, type): a value it has, and one from another protein it lacks.
+def entry_yes_no_questions(entry: UniProtEntry, pools: ValuePools, rng: random.Random) -> list[Instruction]:
+    """Closed questions in Yes/No pairs per type: a value the protein has, and one from another protein it lacks.
 
     Pairs keep the set exactly balanced; a type whose pool holds no value foreign to the protein yields no pair.
     """
-    pools = {kind.type: list(dict.fromkeys(v for e in entries for v in getattr(e, kind.field))) for kind in YES_NO}
     instructions = []
-    for entry in entries:
-        for kind in YES_NO:
-            own = getattr(entry, kind.field)
-            if not own:
-                continue
-            negative = _negative(pools[kind.type], set(own), rng)
-            if negative is None:
-                continue
-            for value, answer in ((rng.choice(own), "Yes"), (negative, "No")):
-                question = rng.choice(kind.templates).format(value=value)
-                instructions.append(Instruction(entry.accession, f"yes_no:{kind.type}", question, answer, kind.field))
+    for kind in YES_NO:
+        own = getattr(entry, kind.field)
+        if not own:
+            continue
+        negative = pools.negative(kind, set(own), rng)
+        if negative is None:
+            continue
+        for value, answer in ((rng.choice(own), "Yes"), (negative, "No")):
+            question = rng.choice(kind.templates).format(value=value)
+            instructions.append(Instruction(entry.accession, f"yes_no:{kind.type}", question, answer, kind.field))
     return instructions
+
+
+def yes_no_questions(entries: Sequence[UniProtEntry], rng: random.Random) -> list[Instruction]:
+    """`entry_yes_no_questions` for every entry, negatives drawn from the values of all `entries`."""
+    pools = ValuePools()
+    for entry in entries:
+        pools.add(entry)
+    return [instruction for entry in entries for instruction in entry_yes_no_questions(entry, pools, rng)]

@@ -360,8 +360,9 @@ class SepitProcessor(ProcessorMixin):
 
 
 class SepitDataCollator:
-    """Training batches from examples `{"messages": [...], "proteins": [...]}`: right-padded, labels on assistant
-    turns, and each protein's structure dropped with probability `structure_dropout` (SEPIT stage 1: 0.15)."""
+    """Training batches from examples `{"messages": [...], "proteins": [...]}` (or dataset rows with `messages`,
+    `sequence`, `coords`, `coords_mask`): right-padded, labels on assistant turns, and each protein's structure dropped
+    with probability `structure_dropout` (SEPIT stage 1: 0.15)."""
 
     def __init__(self, processor: SepitProcessor, structure_dropout: float = 0.15, seed: int | None = None):
         if not 0.0 <= structure_dropout <= 1.0:
@@ -376,9 +377,19 @@ class SepitDataCollator:
             return ProteinInput(protein.sequence)
         return protein
 
+    @staticmethod
+    def _proteins(example: dict) -> list:
+        """An example's proteins: its `proteins` list, or the one protein of a dataset row's `sequence`, `coords` and
+        `coords_mask` columns (the layout of the SEPIT instruction dataset)."""
+        if example.get("proteins") is not None:
+            return list(example["proteins"])
+        if example.get("sequence") is not None:
+            return [{key: example.get(key) for key in ("sequence", "coords", "coords_mask")}]
+        return []
+
     def __call__(self, examples: Sequence[dict]) -> BatchFeature:
         conversations = [example["messages"] for example in examples]
-        proteins = [[self._maybe_drop(p) for p in example.get("proteins") or []] for example in examples]
+        proteins = [[self._maybe_drop(p) for p in self._proteins(example)] for example in examples]
         return self.processor.apply_chat_template(conversations, proteins=proteins, padding_side="right")
 
 

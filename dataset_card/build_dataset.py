@@ -1,0 +1,289 @@
+"""Build the SEPIT instruction dataset: UniProtKB entries (+ structures) -> Parquet `DatasetDict` folder with its card.
+
+Two passes keep memory bounded by the corpus' sequences rather than its annotations: the first streams the entries
+once, keeping only accession and sequence (for homology clustering) and a bounded sample of property values (for
+yes/no negatives) while spooling the entries to disk; the second streams the spool and writes rows straight into
+Parquet files per config and split. The output folder appears all at once (atomic rename).
+
+    python -m dataset_card.build_dataset --output_dir outputs/dataset            # the bundled demo corpus
+    python -m dataset_card.build_dataset --uniprot uniprot_sprot.dat.gz --structures afdb/ \\
+        --clusters_tsv clusterRes_cluster.tsv --workers 2 --output_dir sprot-instructions
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datasets import Features, List, Value
+from datasets.arrow_writer import ParquetWriter
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from dataset_card.card import DatasetStatistics, push_dataset, write_card
+from dataset_card.homology import (
+    CrossIdentity,
+    cluster_by_identity,
+    max_cross_identity,
+    read_cluster_tsv,
+    split_clusters,
+)
+from dataset_card.instructions import (
+    Instruction,
+    ValuePools,
+    caption_instruction,
+    entry_yes_no_questions,
+    open_ended_questions,
+)
+from dataset_card.structures import AttachedStructure, StructureIndex
+from dataset_card.uniprot_reader import ReadReport, UniProtEntry, iter_entries
+from modeling_sepit.atomic_folder import atomic_folder
+from modeling_sepit.structure_loading import check_sequence
+
+DATA = Path(__file__).resolve().parent / "data"
+DEMO_UNIPROT = tuple(
+    str(DATA / "uniprot" / name) for name in ("uniprot_flat_core", "uniprot_flat_store", "uniprot_json")
+)
+DEMO_STRUCTURES = str(DATA / "structures")
+SPLITS = ("train", "validation", "test")
+CONFIGS = ("captions", "instructions")
+_MEASURE_THRESHOLD = 0.3
+
+_PROTEIN = {
+    "accession": Value("string"),
+    "sequence": Value("string"),
+    "coords": List(List(Value("float32"), length=3)),
+    "coords_mask": List(Value("bool")),
+    "structure_source": Value("string"),
+}
+_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+FEATURES = {
+    "captions": Features(
+        {
+            **_PROTEIN,
+            "protein_name": Value("string"),
+            "organism": Value("string"),
+            "caption": Value("string"),
+            "messages": _MESSAGES,
+        }
+    ),
+    "instructions": Features(
+        {
+            **_PROTEIN,
+            "type": Value("string"),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "source_field": Value("string"),
+            "messages": _MESSAGES,
+        }
+    ),
+}
+
+
+@dataclass
+class BuildArguments:
+    """Command-line arguments of the dataset builder (parsed by transformers' HfArgumentParser)."""
+
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (replaced atomically)."})
+    uniprot: list[str] = field(
+        default_factory=lambda: list(DEMO_UNIPROT),
+        metadata={"help": "UniProtKB flat / XML / REST-JSON files or folders (gzip allowed). Default: bundled demo."},
+    )
+    structures: str | None = field(
+        default=DEMO_STRUCTURES,
+        metadata={"help": "Folder of PDB / mmCIF / AlphaFold DB files (searched recursively); 'none': no structures."},
+    )
+    identity_threshold: float = field(
+        default=0.5, metadata={"help": "No test protein may reach this sequence identity to a training protein."}
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Train, validation, test fractions (by protein)."}
+    )
+    clusters_tsv: str | None = field(
+        default=None,
+        metadata={"help": "MMseqs2 cluster TSV (representative<TAB>member) to use instead of all-vs-all alignment."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of templates, negatives and splits."})
+    workers: int = field(default=1, metadata={"help": "Processes parsing UniProt records."})
+    max_entries: int | None = field(default=None, metadata={"help": "Stop after this many distinct entries."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Dataset repo id to upload the folder to."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.identity_threshold <= 1.0:
+            raise ValueError(f"identity_threshold must be in (0, 1], got {self.identity_threshold}")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three numbers summing to 1, got {self.split_fractions}")
+        if self.structures and self.structures.lower() == "none":
+            self.structures = None
+        for path in self.uniprot:
+            if not Path(path).exists():
+                raise ValueError(f"uniprot: {path} does not exist; give UniProtKB files or folders")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+@dataclass
+class BuildResult:
+    """What a build wrote and measured (also rendered into the card)."""
+
+    output_dir: Path
+    statistics: DatasetStatistics
+    report: ReadReport
+
+
+def _messages(instruction: Instruction) -> list[dict[str, str]]:
+    return [{"role": "user", "content": instruction.question}, {"role": "assistant", "content": instruction.answer}]
+
+
+def _protein_columns(entry: UniProtEntry, structure: AttachedStructure | None) -> dict:
+    return {
+        "accession": entry.accession,
+        "sequence": entry.sequence,
+        "coords": structure.coords.tolist() if structure else None,
+        "coords_mask": structure.coords_mask.tolist() if structure else None,
+        "structure_source": structure.source if structure else None,
+    }
+
+
+def _distinct_entries(args: BuildArguments, report: ReadReport) -> Iterator[UniProtEntry]:
+    """Entries of every input, first occurrence of an accession only; invalid sequences are reported and skipped."""
+    seen: set[str] = set()
+    for path in args.uniprot:
+        for entry in iter_entries(path, report, workers=args.workers):
+            if entry.accession in seen:
+                report.skip(path, entry.accession, "duplicate accession: an earlier entry of it was kept")
+                continue
+            try:
+                check_sequence(entry.sequence, f"sequence of {entry.accession}")
+            except ValueError as error:
+                report.skip(path, entry.accession, str(error))
+                continue
+            seen.add(entry.accession)
+            yield entry
+            if args.max_entries is not None and len(seen) >= args.max_entries:
+                return
+
+
+def _spool_entries(args: BuildArguments, spool: Path, report: ReadReport, pools: ValuePools) -> list[tuple[str, str]]:
+    """Pass 1: spool entries to JSON lines; return (accession, sequence) of each, in order."""
+    proteins = []
+    with spool.open("w", encoding="utf-8") as handle:
+        for entry in tqdm(_distinct_entries(args, report), desc="reading UniProt entries", unit=" entries"):
+            handle.write(json.dumps(asdict(entry)) + "\n")
+            pools.add(entry)
+            proteins.append((entry.accession, entry.sequence))
+    return proteins
+
+
+def _assign_splits(args: BuildArguments, proteins: list[tuple[str, str]]) -> list[str]:
+    accessions, sequences = zip(*proteins, strict=True)
+    if args.clusters_tsv:
+        clusters = read_cluster_tsv(args.clusters_tsv, accessions)
+    else:
+        clusters = cluster_by_identity(sequences, threshold=args.identity_threshold)
+    return split_clusters(clusters, fractions=tuple(args.split_fractions), seed=args.seed)
+
+
+def _measure_leakage(proteins: list[tuple[str, str]], splits: list[str], threshold: float) -> dict[str, CrossIdentity]:
+    """Exhaustive identity of each held-out split to the training split (what the card reports)."""
+    by_split = {
+        name: [seq for (_, seq), split in zip(proteins, splits, strict=True) if split == name] for name in SPLITS
+    }
+    return {
+        # Measured with a lower prefilter threshold than the clustering's, so the reported maximum is usually exact.
+        name: max_cross_identity(by_split[name], by_split["train"], threshold=min(threshold, _MEASURE_THRESHOLD))
+        for name in ("validation", "test")
+        if by_split[name] and by_split["train"]
+    }
+
+
+def _rows(entry: UniProtEntry, structure: AttachedStructure | None, pools: ValuePools, rng: random.Random):
+    """(config, row, question type, answer) for one protein: its caption row, then its questions."""
+    protein = _protein_columns(entry, structure)
+    captioned = caption_instruction(entry, rng)
+    if captioned:
+        names = {"protein_name": entry.protein_name, "organism": entry.organism, "caption": captioned.answer}
+        yield "captions", {**protein, **names, "messages": _messages(captioned)}, captioned
+    for instruction in open_ended_questions(entry, rng) + entry_yes_no_questions(entry, pools, rng):
+        fields = {"type": instruction.type, "question": instruction.question, "answer": instruction.answer}
+        row = {**protein, **fields, "source_field": instruction.source_field, "messages": _messages(instruction)}
+        yield "instructions", row, instruction
+
+
+def _write_rows(
+    staging: Path,
+    spool: Path,
+    splits: list[str],
+    index: StructureIndex | None,
+    pools: ValuePools,
+    seed: int,
+    statistics: DatasetStatistics,
+) -> None:
+    """Pass 2: stream the spooled entries into one Parquet file per (config, split), with the Features embedded."""
+    rng = random.Random(seed)
+    writers = {}
+    for config in CONFIGS:
+        (staging / config).mkdir()
+        for split in SPLITS:
+            path = staging / config / f"{split}-00000-of-00001.parquet"
+            writers[config, split] = ParquetWriter(features=FEATURES[config], path=str(path))
+    with spool.open(encoding="utf-8") as handle:
+        for line, split in tqdm(zip(handle, splits, strict=True), total=len(splits), desc="writing instructions"):
+            entry = UniProtEntry(**json.loads(line))
+            structure = index.attach(entry.accession, entry.sequence) if index else None
+            statistics.add_protein(split, len(entry.sequence), structure is not None)
+            for config, row, instruction in _rows(entry, structure, pools, rng):
+                writers[config, split].write(row)
+                statistics.add_row(config, split, instruction.type, instruction.answer)
+    for writer in writers.values():
+        writer.finalize()
+        writer.close()
+
+
+def build_dataset(args: BuildArguments) -> BuildResult:
+    """Run both passes into a staging folder, write the card, and move the folder into place."""
+    report, pools = ReadReport(), ValuePools(seed=args.seed)
+    index = StructureIndex.scan(args.structures) if args.structures else None
+    with atomic_folder(args.output_dir) as staging:
+        spool = staging / "entries.jsonl"
+        proteins = _spool_entries(args, spool, report, pools)
+        if not proteins:
+            raise ValueError(f"uniprot: no readable entry in {args.uniprot}; {len(report.problems)} problems reported")
+        splits = _assign_splits(args, proteins)
+        statistics = DatasetStatistics(
+            threshold=args.identity_threshold,
+            identity=_measure_leakage(proteins, splits, args.identity_threshold),
+            clusters_from=args.clusters_tsv,
+        )
+        _write_rows(staging, spool, splits, index, pools, args.seed, statistics)
+        spool.unlink()
+        statistics.problems = len(report.problems)
+        write_card(staging, statistics, FEATURES)
+    return BuildResult(Path(args.output_dir), statistics, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(BuildArguments, description=__doc__.splitlines()[0])
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        result = build_dataset(args)
+    except ValueError as error:
+        print(f"build_dataset: error: {error}", file=sys.stderr)
+        return 2
+    for problem in result.report.problems:
+        print(f"skipped {problem.file} [{problem.entry}]: {problem.reason}", file=sys.stderr)
+    print(result.statistics.summary())
+    print(f"dataset written to {result.output_dir}")
+    if args.push_to_hub:
+        url = push_dataset(result.output_dir, args.push_to_hub, private=args.private)
+        print(f"pushed to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
