@@ -6,6 +6,12 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_sepit import SepitConfig
 from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter
 from .modeling_sepit import SepitForConditionalGeneration, SepitModel, SepitPreTrainedModel
+from .modeling_sepit_pretraining import (
+    SepitForProteinPretraining,
+    SepitPretrainingCollator,
+    SepitProteinPretrainingConfig,
+    load_pretrained_encoder,
+)
 from .modeling_structure import SepitStructureModule
 from .pipeline_protein_qa import ProteinQuestionAnsweringPipeline
 from .processing_sepit import SepitDataCollator, SepitProcessor
@@ -15,6 +21,8 @@ AutoConfig.register(SepitConfig.model_type, SepitConfig)
 AutoModel.register(SepitConfig, SepitForConditionalGeneration)
 AutoModelForCausalLM.register(SepitConfig, SepitForConditionalGeneration)
 AutoProcessor.register(SepitConfig, SepitProcessor)
+AutoConfig.register(SepitProteinPretrainingConfig.model_type, SepitProteinPretrainingConfig)
+AutoModel.register(SepitProteinPretrainingConfig, SepitForProteinPretraining)
 PIPELINE_REGISTRY.register_pipeline(
     "protein-qa", pipeline_class=ProteinQuestionAnsweringPipeline, pt_model=AutoModelForCausalLM, type="multimodal"
 )
@@ -30,10 +38,14 @@ __all__ = [
     "SepitDataCollator",
     "SepitProcessor",
     "align_structure_to_sequence",
+    "load_pretrained_encoder",
     "load_structure",
     "SepitForConditionalGeneration",
+    "SepitForProteinPretraining",
     "SepitModel",
     "SepitPreTrainedModel",
+    "SepitPretrainingCollator",
+    "SepitProteinPretrainingConfig",
     "SepitSparseMoeBlock",
     "SepitStructureModule",
     "SepitTopKRouter",

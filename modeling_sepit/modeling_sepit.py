@@ -8,6 +8,7 @@ from transformers import AutoModel, EsmModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -80,13 +81,15 @@ class SepitPreTrainedModel(PreTrainedModel):
             init.uniform_(module.means, 0.0, 3.0)
             init.uniform_(module.stds, 0.0, 3.0)
 
-    def save_pretrained(self, *args, **kwargs) -> None:
+    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs) -> None:
+        """Weights are saved under the module names, not reverted to ESM's legacy `LayerNorm.gamma/beta` layout:
+        Trainer's resume loads checkpoints with a plain `load_state_dict`, which would silently skip renamed keys."""
         # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
         if getattr(type(self), "_auto_class", None) is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map["AutoModelForCausalLM"] = f"modeling_sepit.{SepitForConditionalGeneration.__name__}"
             self.config.auto_map = auto_map
-        super().save_pretrained(*args, **kwargs)
+        super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
 
 
 class SepitModel(SepitPreTrainedModel):
@@ -427,7 +430,9 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         """
         from transformers import AutoModelForCausalLM
 
-        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in SepitConfig.__dataclass_fields__}
+        # SEPIT's own fields: the generic ones (`dtype`, ...) are meant for loading.
+        config_fields = SepitConfig.__dataclass_fields__.keys() - PreTrainedConfig.__dataclass_fields__
+        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields}
         protein_model = EsmModel.from_pretrained(protein_model_name_or_path, add_pooling_layer=False, **kwargs)
         causal_lm = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **kwargs)
         text_config = causal_lm.config
@@ -447,11 +452,13 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         model.model.protein_model = protein_model
         model.model.language_model = causal_lm.get_decoder()
         model.lm_head = causal_lm.get_output_embeddings()
-        dtype = next(causal_lm.parameters()).dtype
-        for fresh in (model.model.structure_module, model.model.multi_modal_projector):
+        for fresh, dtype in (
+            (model.model.structure_module, protein_model.dtype),
+            (model.model.multi_modal_projector, causal_lm.dtype),
+        ):
             fresh.to_empty(device=protein_model.device)
             fresh.apply(model._init_weights)
-        model.model.multi_modal_projector.to(dtype)
+            fresh.to(dtype)
         return model
 
 

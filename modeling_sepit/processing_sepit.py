@@ -3,6 +3,7 @@ coordinates or structure files) to the tensors `SepitForConditionalGeneration` t
 
 import os
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -369,11 +370,15 @@ class SepitDataCollator:
             raise ValueError(f"structure_dropout must be in [0, 1], got {structure_dropout}")
         self.processor = processor
         self.structure_dropout = structure_dropout
-        self.generator = np.random.default_rng(seed)
+        self.seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
 
-    def _maybe_drop(self, protein: object) -> object:
+    def _maybe_drop(self, protein: object, key: str) -> object:
+        """Drop decided by (seed, example, protein) alone, not by a running generator, so a resumed run (whose skipped
+        batches never reach the collator) drops exactly what an uninterrupted one would."""
         protein = to_protein_input(protein)
-        if protein.coords is not None and self.generator.random() < self.structure_dropout:
+        if protein.coords is None:
+            return protein
+        if np.random.default_rng([self.seed, zlib.crc32(key.encode())]).random() < self.structure_dropout:
             return ProteinInput(protein.sequence)
         return protein
 
@@ -389,7 +394,10 @@ class SepitDataCollator:
 
     def __call__(self, examples: Sequence[dict]) -> BatchFeature:
         conversations = [example["messages"] for example in examples]
-        proteins = [[self._maybe_drop(p) for p in self._proteins(example)] for example in examples]
+        proteins = [
+            [self._maybe_drop(p, f"{i}:{example['messages']}") for i, p in enumerate(self._proteins(example))]
+            for example in examples
+        ]
         return self.processor.apply_chat_template(conversations, proteins=proteins, padding_side="right")
 
 

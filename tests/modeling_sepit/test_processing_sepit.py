@@ -135,21 +135,29 @@ def test_converted_checkpoint_gets_a_compat_processor(tmp_path):
 
 def test_collator_drops_structure_at_the_given_rate(processor, real_proteins):
     sequence, ca = real_proteins[2]
-    example = {
-        "messages": [
-            {"role": "user", "content": "Describe <protein> ."},
-            {"role": "assistant", "content": "A small globular protein ."},
-        ],
-        "proteins": [{"sequence": sequence, "coords": ca.numpy()}],
-    }
+
+    def example(index: int) -> dict:
+        return {
+            "messages": [
+                {"role": "user", "content": f"Question {index} about <protein> ."},
+                {"role": "assistant", "content": "A small globular protein ."},
+            ],
+            "proteins": [{"sequence": sequence, "coords": ca.numpy()}],
+        }
+
+    def kept(collator: SepitDataCollator, index: int) -> bool:
+        batch = collator([example(index)])
+        return bool("protein_coords_mask" in batch and batch["protein_coords_mask"].any())
+
     collator = SepitDataCollator(processor, structure_dropout=0.15, seed=0)
-    kept = []
-    for _ in range(400):
-        batch = collator([example])
-        kept.append(bool("protein_coords_mask" in batch and batch["protein_coords_mask"].any()))
-    assert 0.10 <= 1 - np.mean(kept) <= 0.20
-    assert (batch["labels"] != -100).any()
-    assert SepitDataCollator(processor, structure_dropout=0.0)([example])["protein_coords_mask"].any()
+    decisions = [kept(collator, index) for index in range(400)]
+    assert 0.10 <= 1 - np.mean(decisions) <= 0.20
+    # Decided by (seed, example) alone: the same again, whatever came before (what a resumed run relies on) ...
+    assert [kept(collator, index) for index in reversed(range(400))] == decisions[::-1]
+    # ... and another seed drops other examples.
+    assert [kept(SepitDataCollator(processor, 0.15, seed=1), index) for index in range(400)] != decisions
+    assert (collator([example(0)])["labels"] != -100).any()
+    assert SepitDataCollator(processor, structure_dropout=0.0)([example(0)])["protein_coords_mask"].any()
 
 
 @pytest.mark.parametrize(

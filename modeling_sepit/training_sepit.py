@@ -1,0 +1,144 @@
+"""Reusable pieces of SEPIT's stage-by-stage training: freezing by module, per-module learning rates, parameter
+counts of an upcycled model, an `SFTTrainer` that applies the per-module rates, and loss-curve plots.
+
+Not imported by the model files, so a checkpoint's remote code never needs TRL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from trl import SFTTrainer
+
+from .modeling_moe import SepitSparseMoeBlock
+
+# Top-level parts of `SepitModel`, as named in a recipe's `freeze` list and in learning-rate scales.
+MODULES = ("protein_model", "structure_module", "multi_modal_projector", "language_model")
+ENCODER_MODULES = ("protein_model", "structure_module")
+
+
+def _module_of(name: str) -> str:
+    """'model.protein_model.encoder...' -> 'protein_model'; the LM head counts as part of the language model."""
+    for part in name.split("."):
+        if part in MODULES:
+            return part
+    return "language_model"
+
+
+def freeze_modules(model: nn.Module, modules: Iterable[str]) -> None:
+    """Stop gradients for whole SEPIT parts (e.g. the encoder in stage 2); names are checked against `MODULES`."""
+    modules = set(modules)
+    unknown = modules - set(MODULES)
+    if unknown:
+        raise ValueError(f"freeze: unknown modules {sorted(unknown)}; choose from {list(MODULES)}")
+    for name, parameter in model.named_parameters():
+        if _module_of(name) in modules:
+            parameter.requires_grad_(False)
+
+
+def parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    decay_parameter_names: Iterable[str],
+    encoder_lr_scale: float = 1.0,
+    language_model_lr_scale: float = 1.0,
+) -> list[dict]:
+    """Optimizer groups: projector at `learning_rate`, encoder and LLM at a fraction of it (what the original
+    configured but never applied); weight decay only on `decay_parameter_names` (the Trainer's choice)."""
+    decay_parameter_names = set(decay_parameter_names)
+    scales = {"protein_model": encoder_lr_scale, "structure_module": encoder_lr_scale}
+    scales["language_model"] = language_model_lr_scale
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        scale = scales.get(_module_of(name), 1.0)
+        decay = name in decay_parameter_names
+        groups.setdefault((scale, decay), []).append(parameter)
+    return [
+        {"params": params, "lr": learning_rate * scale, "weight_decay": weight_decay if decay else 0.0}
+        for (scale, decay), params in sorted(groups.items())
+    ]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters and those a token activates: in each MoE block only `top_k` of the experts (the router is
+    counted apart), so an upcycled top-1 model activates exactly what its dense parent had."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = router = 0
+    for module in model.modules():
+        if isinstance(module, SepitSparseMoeBlock):
+            per_expert = sum(p.numel() for p in module.experts[0].parameters())
+            inactive += per_expert * (len(module.experts) - module.gate.top_k)
+            router += module.gate.weight.numel()
+    return {"total": total, "activated": total - inactive - router, "router": router}
+
+
+class SepitSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose optimizer gives the encoder and the LLM their own learning-rate scale."""
+
+    def __init__(self, *args, encoder_lr_scale: float = 1.0, language_model_lr_scale: float = 1.0, **kwargs):
+        self.encoder_lr_scale = encoder_lr_scale
+        self.language_model_lr_scale = language_model_lr_scale
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            groups = parameter_groups(
+                model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.get_decay_parameter_names(model),
+                self.encoder_lr_scale,
+                self.language_model_lr_scale,
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def save_loss_plot(log_history: list[dict], path: str | os.PathLike, title: str) -> Path | None:
+    """A PNG of every logged loss series against the step (None when nothing was logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in log_history:
+        for key, value in record.items():
+            if key.endswith("loss") and isinstance(value, int | float) and "step" in record:
+                series.setdefault(key, []).append((record["step"], float(value)))
+    if not series:
+        return None
+    path = Path(path)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, points in sorted(series.items()):
+        steps, values = zip(*points, strict=True)
+        axis.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
+    axis.set(xlabel="step", ylabel="loss", title=title)
+    axis.legend()
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+__all__ = [
+    "ENCODER_MODULES",
+    "MODULES",
+    "SepitSFTTrainer",
+    "freeze_modules",
+    "parameter_counts",
+    "parameter_groups",
+    "save_loss_plot",
+]

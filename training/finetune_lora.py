@@ -1,0 +1,143 @@
+"""Fine-tune a published SEPIT model (a Hub id or any `from_pretrained` folder) with LoRA: low-rank adapters on the
+LLM's attention and MLP projections (and, with `--lora_encoder true`, on the ESM-2 attention), the projector trained
+in full, everything else frozen. Trained with TRL's `SFTTrainer`; at the end the adapter is kept in `output_dir` and
+merged into a standalone, Hub-ready folder (`merged_dir`) that loads without PEFT. Only configuration lives here:
+
+    python training/finetune_lora.py --config training/recipes/tiny/lora.yaml
+    accelerate launch --config_file training/accelerate/multi_gpu.yaml training/finetune_lora.py \
+        --config training/recipes/paper-tinyllama/lora.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import load_dataset
+from peft import LoraConfig, PeftModel
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.hub_sepit import save_hub_folder
+from modeling_sepit.training_sepit import save_loss_plot
+
+LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ENCODER_PROJECTIONS = ("query", "key", "value")
+
+
+@dataclass
+class SepitLoraArguments:
+    """What to fine-tune and on what: the SEPIT model, the dataset, and the adapter's shape."""
+
+    model_name_or_path: str = field(metadata={"help": "SEPIT folder or Hub id (e.g. a stage-2 output) to adapt."})
+    dataset_name: str = field(metadata={"help": "Dataset folder or Hub id built by dataset_card.build_dataset."})
+    dataset_config: str = field(default="instructions", metadata={"help": "'instructions' or 'captions'."})
+    dataset_train_split: str = field(default="train")
+    dataset_test_split: str = field(default="validation")
+    lora_r: int = field(default=16, metadata={"help": "Rank of the adapters."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LLM_PROJECTIONS),
+        metadata={"help": "LLM projections that get adapters (every decoder layer; every expert of an MoE FFN)."},
+    )
+    lora_encoder: bool = field(
+        default=False, metadata={"help": "Also put adapters on the ESM-2 self-attention (query, key, value)."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights' dtype on loading: 'auto' keeps the checkpoint's; 'float32' gives the trained projector "
+            "full-precision master weights under `bf16` mixed precision (the frozen base could stay 'bfloat16')."
+        },
+    )
+    structure_dropout: float = field(default=0.0, metadata={"help": "Probability of dropping a protein's structure."})
+    max_protein_length: int = field(default=1022, metadata={"help": "Residues kept per protein (ESM-2: 1022)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    merged_dir: str | None = field(
+        default=None, metadata={"help": "Folder for the merged model (default: <output_dir>/merged); '' skips it."}
+    )
+
+
+def lora_target_pattern(projections: list[str] | tuple[str, ...], encoder: bool) -> str:
+    """A regex PEFT full-matches against module names. Anchored at the LLM decoder layers (and the ESM-2 attention when
+    `encoder`), so a name like `value` or `dense` elsewhere in the model never gets an adapter."""
+    names = "|".join(projections)
+    llm = rf"model\.language_model\.layers\.\d+\.(?:self_attn|mlp|mlp\.experts\.\d+)\.(?:{names})"
+    if not encoder:
+        return llm
+    esm = rf"model\.protein_model\.encoder\.layer\.\d+\.attention\.self\.(?:{'|'.join(ENCODER_PROJECTIONS)})"
+    return f"(?:{llm})|(?:{esm})"
+
+
+def lora_config(args: SepitLoraArguments) -> LoraConfig:
+    """Adapters where the pattern says; the projector is trained and saved whole (`modules_to_save`)."""
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_target_pattern(args.lora_target_modules, args.lora_encoder),
+        modules_to_save=["multi_modal_projector"],
+        task_type="CAUSAL_LM",
+    )
+
+
+def merge_adapter(
+    model_name_or_path: str, adapter_dir: str | Path, merged_dir: str | Path, dtype: str = "auto"
+) -> Path:
+    """Merge a saved adapter into a fresh copy of its base and write a standalone Hub folder (weights, config with
+    `auto_map`, remote code, processor). Done from the saved files, so it works the same after DDP, FSDP or ZeRO-3
+    runs, whose in-memory model may be sharded."""
+    base = SepitForConditionalGeneration.from_pretrained(model_name_or_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return save_hub_folder(merged, SepitProcessor.from_pretrained(adapter_dir), merged_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = TrlParser((SepitLoraArguments, SFTConfig))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    set_seed(training_args.seed)
+    training_args.remove_unused_columns = False  # the collator needs the protein columns
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+    processor = SepitProcessor.from_pretrained(script_args.model_name_or_path)
+    processor.max_protein_length = script_args.max_protein_length
+    model = SepitForConditionalGeneration.from_pretrained(script_args.model_name_or_path, dtype=script_args.dtype)
+    if model.config.text_config.num_experts is None:
+        training_args.router_aux_loss_coef = 0.0  # dense: TRL would otherwise ask a model without routers for logits
+    dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
+    train_dataset = dataset[script_args.dataset_train_split]
+    if script_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=SepitDataCollator(processor, script_args.structure_dropout, seed=training_args.seed),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=lora_config(script_args),
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint={"true": True, "false": None}.get(str(resume).lower(), resume))
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))  # the adapter (+ projector) and the processor
+    trainer.save_state()
+
+    if trainer.is_world_process_zero():
+        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", f"LoRA: {output_dir.name}")
+        merged_dir = output_dir / "merged" if script_args.merged_dir is None else script_args.merged_dir
+        if merged_dir:
+            merge_adapter(script_args.model_name_or_path, output_dir, merged_dir, script_args.dtype)
+            trainer.accelerator.print(f"adapter in {output_dir}; merged model in {merged_dir}")
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

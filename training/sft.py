@@ -1,0 +1,136 @@
+"""SEPIT stages 1 and 2 with TRL's `SFTTrainer`: caption instructions on a dense model (stage 1), then every LLM FFN
+upcycled into a mixture of experts, encoder frozen, on all instruction types (stage 2). Only configuration lives
+here; the recipes in `recipes/` set everything:
+
+    python training/sft.py --config training/recipes/tiny/stage1.yaml
+    python training/sft.py --config training/recipes/tiny/stage2.yaml
+    accelerate launch --config_file training/accelerate/multi_gpu.yaml training/sft.py --config ...paper.../stage1.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import load_dataset
+from transformers import set_seed
+from trl import SFTConfig, TrlParser
+
+from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
+from modeling_sepit.training_sepit import SepitSFTTrainer, freeze_modules, parameter_counts, save_loss_plot
+
+
+@dataclass
+class SepitSFTArguments:
+    """What to train on and from: the dataset, the previous stage's folder (or the parts), and the stage's choices."""
+
+    dataset_name: str = field(metadata={"help": "Dataset folder or Hub id built by dataset_card.build_dataset."})
+    dataset_config: str = field(default="instructions", metadata={"help": "'captions' (stage 1) or 'instructions'."})
+    dataset_train_split: str = field(default="train")
+    dataset_test_split: str = field(default="validation")
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A SEPIT folder (the previous stage's output) to continue from."}
+    )
+    protein_model_name_or_path: str | None = field(default=None, metadata={"help": "ESM-2 checkpoint (new model)."})
+    language_model_name_or_path: str | None = field(default=None, metadata={"help": "Chat LLM checkpoint (new)."})
+    encoder_warmup_dir: str | None = field(default=None, metadata={"help": "Stage-0 output whose encoder to load."})
+    freeze: list[str] = field(
+        default_factory=list, metadata={"help": "Parts to freeze: protein_model structure_module language_model ..."}
+    )
+    encoder_lr_scale: float = field(default=0.1, metadata={"help": "Encoder learning rate / base learning rate."})
+    language_model_lr_scale: float = field(default=0.1, metadata={"help": "LLM learning rate / base learning rate."})
+    structure_dropout: float = field(default=0.15, metadata={"help": "Probability of dropping a protein's structure."})
+    num_experts: int | None = field(default=None, metadata={"help": "Upcycle each LLM FFN into this many experts."})
+    num_experts_per_tok: int = field(default=1, metadata={"help": "Experts per token (top-k)."})
+    max_protein_length: int = field(default=1022, metadata={"help": "Residues kept per protein (ESM-2: 1022)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights' dtype when loading: float32 keeps fp32 master weights under bf16 autocast."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None and not (
+            self.protein_model_name_or_path and self.language_model_name_or_path
+        ):
+            raise ValueError(
+                "model_name_or_path: give the previous stage's folder, or both protein_model_name_or_path and "
+                "language_model_name_or_path to start a new model"
+            )
+
+
+def load_model_and_processor(
+    args: SepitSFTArguments, router_aux_loss_coef: float | None = None
+) -> tuple[SepitForConditionalGeneration, SepitProcessor]:
+    """The previous stage's folder, or a new model from its parts (+ a stage-0 encoder), upcycled when asked."""
+    if args.model_name_or_path:
+        processor = SepitProcessor.from_pretrained(args.model_name_or_path)
+        model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+    else:
+        processor = SepitProcessor.from_pretrained_parts(
+            args.protein_model_name_or_path, args.language_model_name_or_path
+        )
+        model = SepitForConditionalGeneration.from_pretrained_parts(
+            args.protein_model_name_or_path,
+            args.language_model_name_or_path,
+            protein_token_id=processor.protein_token_id,
+            dtype=args.dtype,
+        )
+    processor.max_protein_length = args.max_protein_length
+    if args.encoder_warmup_dir:
+        load_pretrained_encoder(model, args.encoder_warmup_dir)
+    if args.num_experts:
+        # SFTTrainer adds the load-balancing loss, weighted by SFTConfig.router_aux_loss_coef or by this default.
+        model.upcycle_to_moe(
+            args.num_experts, args.num_experts_per_tok, router_aux_loss_coef=router_aux_loss_coef or 0.01
+        )
+    freeze_modules(model, args.freeze)
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = TrlParser((SepitSFTArguments, SFTConfig))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    set_seed(training_args.seed)
+    training_args.remove_unused_columns = False  # the collator needs the protein columns
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+    model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
+    if model.config.text_config.num_experts is None:
+        training_args.router_aux_loss_coef = 0.0  # dense: TRL would otherwise ask a model without routers for logits
+    dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
+    train_dataset = dataset[script_args.dataset_train_split]
+    if script_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+
+    trainer = SepitSFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=SepitDataCollator(processor, script_args.structure_dropout, seed=training_args.seed),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        encoder_lr_scale=script_args.encoder_lr_scale,
+        language_model_lr_scale=script_args.language_model_lr_scale,
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint={"true": True, "false": None}.get(str(resume).lower(), resume))
+    trainer.save_model(training_args.output_dir)
+
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        counts = parameter_counts(model)
+        (output_dir / "parameter_counts.json").write_text(json.dumps(counts, indent=2))
+        title = f"{'stage 2 (MoE)' if script_args.num_experts else 'stage 1'}: {output_dir.name}"
+        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title)
+        trainer.accelerator.print(f"parameters: {counts}; model saved to {output_dir}")
+    trainer.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""SEPIT stage 0, encoder warm-up: the structure-aware ESM-2 encoder trained alone on caption rows with the contrastive,
+coordinate-denoising and masked-residue losses, before any LLM. Only configuration lives here; the recipes in
+`recipes/` set everything:
+
+    python training/stage0_encoder_warmup.py --config training/recipes/tiny/stage0.yaml
+    torchrun --nproc_per_node 8 training/stage0_encoder_warmup.py --config training/recipes/paper-tinyllama/stage0.yaml
+
+`--resume_from_checkpoint true` continues from the newest complete checkpoint in `output_dir`. The output folder loads
+with `SepitForProteinPretraining.from_pretrained`; stage 1 takes its encoder with `encoder_warmup_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from torch import nn
+from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import ParallelMode
+from trl import TrlParser
+
+from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
+from modeling_sepit.training_sepit import save_loss_plot
+
+LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
+MODEL_OVERRIDES = ("projection_dim", "mlm_probability", "coordinate_noise_scale", "num_gaussian_kernels")
+
+
+@dataclass
+class Stage0Arguments:
+    """What to train on and from: the caption rows, the parts (or a stage-0 folder to continue), and the stage's
+    choices."""
+
+    dataset_name: str = field(metadata={"help": "Dataset folder or Hub id built by dataset_card.build_dataset."})
+    dataset_config: str = field(default="captions", metadata={"help": "Config with sequence/coords/caption rows."})
+    dataset_train_split: str = field(default="train")
+    dataset_test_split: str = field(default="validation")
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A stage-0 folder to continue from."})
+    protein_model_name_or_path: str | None = field(default=None, metadata={"help": "ESM-2 checkpoint (new model)."})
+    text_encoder_name_or_path: str | None = field(
+        default=None, metadata={"help": "Frozen caption encoder checkpoint (new model), e.g. PubMedBERT."}
+    )
+    max_protein_length: int = field(default=1022, metadata={"help": "Residues kept per protein (ESM-2: 1022)."})
+    max_caption_length: int = field(default=512, metadata={"help": "Caption tokens kept (original: 512)."})
+    new_modules_lr_scale: float = field(
+        default=10.0,
+        metadata={"help": "Learning rate of everything but the pretrained ESM-2 / base rate (original lr_ratio: 10)."},
+    )
+    projection_dim: int | None = field(default=None, metadata={"help": "Contrastive embedding width (new model)."})
+    mlm_probability: float | None = field(default=None, metadata={"help": "Fraction of residues masked (new model)."})
+    coordinate_noise_scale: float | None = field(
+        default=None, metadata={"help": "Coordinate noise in Angstrom (new model)."}
+    )
+    num_gaussian_kernels: int | None = field(
+        default=None, metadata={"help": "Distance kernels of the structure module (new model; stage 1 must match)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None and not (self.protein_model_name_or_path and self.text_encoder_name_or_path):
+            raise ValueError(
+                "model_name_or_path: give a stage-0 folder to continue from, or both protein_model_name_or_path and "
+                "text_encoder_name_or_path to start a new model"
+            )
+        given = [name for name in MODEL_OVERRIDES if getattr(self, name) is not None]
+        if self.model_name_or_path and given:
+            raise ValueError(f"{given}: these build a new model; a continued model keeps its saved config")
+
+
+class SepitPretrainingTrainer(Trainer):
+    """`Trainer` that logs each stage-0 loss next to `loss` (averaged, like it, over the logging interval and the
+    processes) and gives the modules trained from scratch their own learning rate, as the original did."""
+
+    def __init__(self, *args, new_modules_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new_modules_lr_scale = new_modules_lr_scale
+        # Per mode ("train", "eval"): the summed component losses and, last, the number of batches.
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        # The model returns its loss without `labels`: let evaluation report it.
+        self.can_return_loss = True
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad:
+                    pretrained = name.startswith("model.protein_model.")
+                    scale = 1.0 if pretrained else self.new_modules_lr_scale
+                    groups.setdefault((scale, name in decay), []).append(parameter)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            learning_rate = optimizer_kwargs.pop("lr", self.args.learning_rate)
+            self.optimizer = optimizer_cls(
+                [
+                    {
+                        "params": params,
+                        "lr": learning_rate * scale,
+                        "weight_decay": self.args.weight_decay if decays else 0.0,
+                    }
+                    for (scale, decays), params in sorted(groups.items())
+                ],
+                **optimizer_kwargs,
+            )
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        mode = "train" if model.training else "eval"
+        components = [outputs[name].detach().float() for name in LOSS_COMPONENTS]
+        step = torch.stack([*components, torch.ones_like(components[0])])
+        self._loss_sums[mode] = self._loss_sums[mode] + step if mode in self._loss_sums else step
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Only the `loss` / `eval_loss` records, which every process logs together, so the reduction cannot hang.
+        mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
+        if mode in self._loss_sums:
+            sums = self.accelerator.reduce(self._loss_sums.pop(mode), reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({prefix + name: (sums[i] / sums[-1]).item() for i, name in enumerate(LOSS_COMPONENTS)})
+        super().log(logs, start_time)
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last) is whole. Transformers writes checkpoints in
+    place, so a run killed while saving leaves a partial folder that `get_last_checkpoint` would pick."""
+    checkpoints = sorted(
+        (path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()),
+        key=lambda path: int(path.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(checkpoint)
+    return None
+
+
+def resume_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: 'true' means the newest complete checkpoint in `output_dir`, a path that path."""
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() != "true":
+        return value
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        raise ValueError(f"resume_from_checkpoint=true but {output_dir} holds no complete checkpoint")
+    return checkpoint
+
+
+def load_model_and_collator(args: Stage0Arguments) -> tuple[SepitForProteinPretraining, SepitPretrainingCollator]:
+    """A stage-0 folder and its tokenizers, or a new model from ESM-2 and the caption encoder."""
+    lengths = {"max_protein_length": args.max_protein_length, "max_caption_length": args.max_caption_length}
+    if args.model_name_or_path:
+        model = SepitForProteinPretraining.from_pretrained(args.model_name_or_path)
+        return model, SepitPretrainingCollator.from_pretrained(args.model_name_or_path, **lengths)
+    overrides = {name: getattr(args, name) for name in MODEL_OVERRIDES if getattr(args, name) is not None}
+    model = SepitForProteinPretraining.from_pretrained_parts(
+        args.protein_model_name_or_path, args.text_encoder_name_or_path, **overrides
+    )
+    protein_tokenizer = AutoTokenizer.from_pretrained(args.protein_model_name_or_path)
+    text_tokenizer = AutoTokenizer.from_pretrained(args.text_encoder_name_or_path)
+    return model, SepitPretrainingCollator(protein_tokenizer, text_tokenizer, **lengths)
+
+
+def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> SepitPretrainingTrainer:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        # Accelerate sets up CPU processes for DDP only with `cpu=True`; otherwise each process trains its own copy.
+        raise ValueError(
+            "several processes were launched but Accelerate found no GPU: set use_cpu: true to train on CPU"
+        )
+    training_args.remove_unused_columns = False  # the collator needs sequence, coords and caption
+    if training_args.ddp_find_unused_parameters is None:
+        # A batch without any structure leaves the structure module out of the graph.
+        training_args.ddp_find_unused_parameters = True
+    set_seed(training_args.seed)  # the fresh modules' initialisation
+    model, collator = load_model_and_collator(args)
+    dataset = load_dataset(args.dataset_name, args.dataset_config)
+    return SepitPretrainingTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=dataset[args.dataset_train_split],
+        eval_dataset=dataset[args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        processing_class=collator,
+        new_modules_lr_scale=args.new_modules_lr_scale,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = TrlParser((Stage0Arguments, TrainingArguments))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    trainer = build_trainer(script_args, training_args)
+    output_dir = training_args.output_dir
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint, output_dir))
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        save_loss_plot(trainer.state.log_history, Path(output_dir) / "loss_curve.png", f"stage 0: {output_dir}")
+        trainer.accelerator.print(f"stage-0 model saved to {output_dir}")
+    trainer.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
