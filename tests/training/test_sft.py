@@ -17,7 +17,6 @@ import torch
 from datasets import load_dataset
 from safetensors.torch import load_file
 
-from dataset_card.build_dataset import BuildArguments, build_dataset
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.training_sepit import parameter_counts
 
@@ -25,23 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SFT = ROOT / "training" / "sft.py"
 RECIPES = ROOT / "training" / "recipes" / "tiny"
 sft = runpy.run_path(str(SFT))
-build_tiny_parts = runpy.run_path(str(ROOT / "training" / "build_tiny_parts.py"))
+stage0 = runpy.run_path(str(ROOT / "training" / "stage0_encoder_warmup.py"))
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sft")
-    dataset = root / "dataset"
-    inputs = [
-        str(ROOT / "dataset_card" / "data" / "uniprot" / "uniprot_flat_store"),
-        str(ROOT / "tests/fixtures/uniprot"),
-    ]
-    build_dataset(BuildArguments(output_dir=str(dataset), uniprot=inputs))
-    tiny = build_tiny_parts["TinyPartsArguments"](
-        dataset_dir=str(dataset), output_dir=str(root / "parts"), hidden_size=64
-    )
-    build_tiny_parts["build_tiny_parts"](tiny)
-    return {"dataset": dataset, "parts": root / "parts", "root": root}
+def parts(demo_dataset, tiny_parts, tmp_path_factory) -> dict[str, Path]:
+    return {"dataset": demo_dataset, "parts": tiny_parts, "root": tmp_path_factory.mktemp("sft")}
 
 
 def stage1_argv(parts: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
@@ -189,3 +177,33 @@ def test_killed_run_resumes_to_the_same_weights(parts, tmp_path) -> None:
     assert expected.keys() == actual.keys()
     different = [name for name in expected if not torch.equal(expected[name], actual[name])]
     assert not different, different[:5]
+
+
+def test_stages_chain_through_saved_folders(parts) -> None:
+    """0 -> 1 -> 2: stage 1 starts from the stage-0 encoder (kept frozen here, so it must arrive unchanged)."""
+    warmup = parts["root"] / "chain-stage0"
+    assert stage0["main"]([
+        "--config", str(RECIPES / "stage0.yaml"),
+        "--dataset_name", str(parts["dataset"]),
+        "--protein_model_name_or_path", str(parts["parts"] / "protein_model"),
+        "--text_encoder_name_or_path", str(parts["parts"] / "text_encoder"),
+        "--max_protein_length", "64", "--per_device_train_batch_size", "4",
+        "--max_steps", "3", "--save_steps", "3", "--output_dir", str(warmup),
+    ]) == 0  # fmt: skip
+    captions = parts["root"] / "chain-stage1"
+    argv = stage1_argv(parts, captions, "--max_steps", "3", "--save_steps", "3")
+    argv[argv.index("--encoder_warmup_dir") + 1] = str(warmup)
+    assert sft["main"]([*argv, "--freeze", "protein_model", "structure_module"]) == 0
+    warmed, tuned = load_file(warmup / "model.safetensors"), load_file(captions / "model.safetensors")
+    encoder = [k for k in tuned if k.startswith(("model.protein_model.encoder.", "model.structure_module."))]
+    assert encoder and all(torch.equal(warmed[k], tuned[k]) for k in encoder)
+    instructions = parts["root"] / "chain-stage2"
+    assert sft["main"]([
+        "--config", str(RECIPES / "stage2.yaml"),
+        "--dataset_name", str(parts["dataset"]),
+        "--model_name_or_path", str(captions),
+        "--max_protein_length", "64", "--per_device_train_batch_size", "4",
+        "--max_steps", "3", "--save_steps", "3", "--output_dir", str(instructions),
+    ]) == 0  # fmt: skip
+    final = SepitForConditionalGeneration.from_pretrained(instructions)
+    assert final.config.text_config.num_experts == 4
