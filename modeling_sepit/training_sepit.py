@@ -7,11 +7,13 @@ Not imported by the model files, so a checkpoint's remote code never needs TRL.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from .modeling_moe import SepitSparseMoeBlock
@@ -79,7 +81,47 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "activated": total - inactive - router, "router": router}
 
 
-class SepitSFTTrainer(SFTTrainer):
+STAGING_DIR = ".partial-checkpoints"
+
+
+class AtomicCheckpointMixin:
+    """For a `Trainer` subclass: each checkpoint is written under `<output_dir>/.partial-checkpoints/` and renamed into
+    place by the main process once complete, so a run killed while saving leaves the previous checkpoint as the newest
+    `checkpoint-N` (the one `resume_from_checkpoint=True` picks) instead of a half-written one.
+
+    The Trainer writes checkpoints in place; every process of a sharded run writes into the same staging folder."""
+
+    def _save_checkpoint(self, model: nn.Module, trial: object) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(run_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):
+                self.state.best_model_checkpoint = run_dir + best[len(staging) :]
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
     """`SFTTrainer` whose optimizer gives the encoder and the LLM their own learning-rate scale."""
 
     def __init__(self, *args, encoder_lr_scale: float = 1.0, language_model_lr_scale: float = 1.0, **kwargs):
@@ -134,6 +176,7 @@ def save_loss_plot(log_history: list[dict], path: str | os.PathLike, title: str)
 
 
 __all__ = [
+    "AtomicCheckpointMixin",
     "ENCODER_MODULES",
     "MODULES",
     "SepitSFTTrainer",

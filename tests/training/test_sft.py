@@ -16,9 +16,10 @@ import pytest
 import torch
 from datasets import load_dataset
 from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.training_sepit import parameter_counts
+from modeling_sepit.training_sepit import SepitSFTTrainer, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT = ROOT / "training" / "sft.py"
@@ -207,3 +208,23 @@ def test_stages_chain_through_saved_folders(parts) -> None:
     ]) == 0  # fmt: skip
     final = SepitForConditionalGeneration.from_pretrained(instructions)
     assert final.config.text_config.num_experts == 4
+
+
+def test_a_checkpoint_interrupted_while_written_never_becomes_the_last_one(parts, tmp_path, monkeypatch) -> None:
+    output = tmp_path / "interrupted"
+    argv = stage1_argv(parts, output, "--max_steps", "6", "--save_steps", "2", "--logging_steps", "2")
+    write_rng_state = SepitSFTTrainer._save_rng_state
+
+    def dies_at_step_4(self, output_dir):
+        if self.state.global_step == 4:  # model and optimizer already written: the process dies mid-checkpoint
+            raise RuntimeError("killed while writing checkpoint-4")
+        return write_rng_state(self, output_dir)
+
+    monkeypatch.setattr(SepitSFTTrainer, "_save_rng_state", dies_at_step_4)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        sft["main"](argv)
+    assert [path.name for path in output.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert get_last_checkpoint(str(output)).endswith("checkpoint-2")
+    monkeypatch.undo()
+    assert sft["main"]([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert json.loads((output / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
