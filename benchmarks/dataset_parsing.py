@@ -4,7 +4,11 @@ The real flat entries of dataset_card/data/uniprot (core + store) are repeated i
 N entries in a temporary folder, which is then streamed through `iter_entries` + `open_ended_questions` + `caption`.
 Project goal: >= 2,000 entries/s and peak RSS < 2 GB. Usage, from the repository root::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/dataset_parsing.py [--entries 100000]
+    PYTHONPATH=. .venv/bin/python benchmarks/dataset_parsing.py [--entries 100000] [--workers 2]
+
+Peak RSS is reported for this process and for the largest worker process (`RUSAGE_CHILDREN`: children that have
+ended, which the pool's workers have once `iter_entries` is exhausted); their sum with one worker peak per worker
+is an upper bound of the memory the whole run held at once.
 """
 
 import argparse
@@ -31,14 +35,21 @@ def real_records() -> list[str]:
     for folder in FLAT:
         for path in sorted(folder.iterdir()):
             if path.suffix in SUFFIXES:
-                with path.open(encoding="utf-8") as handle:
-                    records += [text for text, done in split_flat_records(handle) if done and text.startswith("ID")]
+                text = path.read_text(encoding="utf-8")
+                records += [record for record, done in split_flat_records([text]) if done and record.startswith("ID")]
     return records
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its ended children (the workers, once `iter_entries` is done)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=1, help="processes parsing flat records (iter_entries)")
     args = parser.parse_args()
     records = real_records()
     with tempfile.TemporaryDirectory() as folder:
@@ -50,15 +61,22 @@ def main() -> None:
         size_mb = path.stat().st_size / 1e6
         print(f"built {args.entries} entries ({size_mb:.1f} MB gzipped) in {time.perf_counter() - start:.1f} s")
         rng, report, questions, caption_chars = random.Random(0), ReadReport(), 0, 0
+        load_before, cpu_before = os.getloadavg()[0], cpu_seconds()
         start = time.perf_counter()
-        for entry in iter_entries(path, report):
+        for entry in iter_entries(path, report, workers=args.workers):
             questions += len(open_ended_questions(entry, rng))
             caption_chars += len(caption(entry))
         elapsed = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu_before
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    total_mb = peak_mb + (child_mb * args.workers if args.workers > 1 else 0)
     print(f"read {report.total_read} entries, skipped {report.total_skipped}, {questions} questions")
-    print(f"{caption_chars} caption characters, {os.cpu_count()} CPUs")
-    print(f"{report.total_read / elapsed:.0f} entries/s ({elapsed:.1f} s), peak RSS {peak_mb:.0f} MB")
+    print(f"{caption_chars} caption characters, {os.cpu_count()} CPUs, {args.workers} worker(s)")
+    print(f"{report.total_read / elapsed:.0f} entries/s ({elapsed:.1f} s), peak RSS {peak_mb:.0f} MB main")
+    print(f"+ {child_mb:.0f} MB largest worker: at most {total_mb:.0f} MB in all")
+    print(f"CPU {cpu:.1f} s (this process + workers): {report.total_read / cpu:.0f} entries per CPU-second")
+    print(f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other jobs share the CPUs)")
 
 
 if __name__ == "__main__":

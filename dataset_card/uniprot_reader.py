@@ -10,10 +10,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import multiprocessing
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,9 +26,8 @@ FLAT_SUFFIXES = {".dat", ".txt", ".txl", ".sp"}
 XML_SUFFIXES = {".xml"}
 JSON_SUFFIXES = {".json"}
 
-_EVIDENCE = re.compile(r"\s*\{ECO:[^}]*\}")
-_CITATION = re.compile(r"\s*\((?:PubMed|Ref\.|By similarity|Probable|Potential)[^()]*\)")
-_SPACES = re.compile(r"\s+")
+_EVIDENCE = re.compile(r"\s*+\{ECO:[^}]*\}")  # possessive (as below): no backtracking, same matches
+_CITATION = re.compile(r"\s*+\((?:PubMed|Ref\.|By similarity|Probable|Potential)[^()]*\)")
 _ISOFORM_PREFIX = re.compile(r"^\[[^\]]*\]:\s*")
 _ACCESSION_LINE = re.compile(r"^AC   (\w+)", re.MULTILINE)
 _EC = re.compile(r"EC=([\d.n-]+)")
@@ -33,12 +35,49 @@ _PTM_FEATURES = {"MOD_RES", "CARBOHYD", "LIPID", "CROSSLNK"}
 _XML_PTM_FEATURES = {"modified residue", "glycosylation site", "lipid moiety-binding region", "cross-link"}
 _JSON_PTM_FEATURES = {"Modified residue", "Glycosylation", "Lipidation", "Cross-link"}
 _GO_FIELDS = {"F": "go_molecular_function", "P": "go_biological_process", "C": "go_cellular_component"}
+_LEADING_BLANK_LINES = re.compile(r"(?:[^\S\n]*\n)*")
+# Flat-file lines Biopython parses but `entry_from_swissprot` never reads: references, non-GO cross-references, and
+# lines Biopython ignores anyway (`**`, CC lines that neither start nor continue a comment: the copyright box).
+# A match is a run of such lines, each with the newline *before* it, so a record's first (ID) line is never dropped.
+_UNREAD_LINE = r"\n(?:R[NPCXGATL]|\*\*|DR(?![^\n]{3}GO)|CC(?![^\n]{3}(?:-!-|   )))[^\n]*"
+_UNREAD_LINES = re.compile(f"{_UNREAD_LINE}(?:{_UNREAD_LINE})*")
+# One feature (FT line with a name in columns 6-13, then its continuation lines) or comment ('CC   -!- ' line, then
+# 'CC       ' lines); a block may also open with continuation lines, which Biopython adds to the last one started.
+_FT_START = r"[^\n]{3}[^\S\n]{0,7}+\S"  # possessive: no backtracking over the blanks
+_FT_CC_BLOCK = re.compile(
+    rf"\n(?:FT(?:(?P<feature>{_FT_START})|)[^\n]*(?:\nFT(?!{_FT_START})[^\n]*)*"
+    r"|CC[^\n]{3}(?P<comment>-!-)?[^\n]*(?:\nCC[^\n]{3}   [^\n]*)*)"
+)
+# Feature types and comment topics read by `entry_from_swissprot`: keep in step with it.
+_FLAT_FEATURES = {"DOMAIN", "MOTIF", *_PTM_FEATURES}
+_FLAT_TOPICS = {
+    "FUNCTION",
+    "CATALYTIC ACTIVITY",
+    "COFACTOR",
+    "PATHWAY",
+    "SUBCELLULAR LOCATION",
+    "SIMILARITY",
+    "DOMAIN",
+    "PTM",
+    "TISSUE SPECIFICITY",
+}
+_FLAT_CHUNK_CHARS = 1 << 20  # text read from a flat file at a time
+_BATCH_CHARS = 1 << 22  # record text per task sent to a worker process
+_IN_FLIGHT_PER_WORKER = 2  # batches queued per worker: keeps workers busy, bounds memory
+_TRUNCATED = "truncated record: no '//' terminator before end of file"
 
 
 def clean_text(text: str) -> str:
-    """Drop evidence tags and citations, collapse whitespace, drop final periods: answers must read as plain prose."""
-    text = _CITATION.sub("", _EVIDENCE.sub("", text))
-    return _SPACES.sub(" ", text).strip().rstrip(". ")
+    """Drop evidence tags and citations, collapse whitespace, drop final periods: answers must read as plain prose.
+
+    The substring checks skip regex scans that cannot match (most GO terms and keywords carry neither), and
+    `str.split()` splits on exactly the characters `\\s` matches: same result as the plain regex chain, faster.
+    """
+    if "{ECO:" in text:
+        text = _EVIDENCE.sub("", text)
+    if "(" in text:
+        text = _CITATION.sub("", text)
+    return " ".join(text.split()).rstrip(". ")
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -155,18 +194,37 @@ def _files(path: Path) -> list[Path]:
 # flat files
 
 
-def split_flat_records(lines: Iterable[str]) -> Iterator[tuple[str, bool]]:
-    """Records of a flat-file stream cut at `//` lines, with whether the terminator was seen (a truncated tail)."""
-    buffer: list[str] = []
-    for line in lines:
-        if line.startswith("//"):
-            buffer.append("//\n")
-            yield "".join(buffer), True
-            buffer = []
-        elif line.strip() or buffer:
-            buffer.append(line if line.endswith("\n") else line + "\n")
-    if any(line.strip() for line in buffer):
-        yield "".join(buffer), False
+def _cut_records(text: str) -> Iterator[tuple[str, bool]]:
+    """Complete records of `text` (which starts at a line start); returns the unfinished rest."""
+    start = 0
+    while True:
+        if text.startswith("//", start):
+            cut = start
+        elif (cut := text.find("\n//", start)) >= 0:
+            cut += 1
+        else:
+            return text[start:]
+        end = text.find("\n", cut)
+        if end < 0:
+            return text[start:]
+        yield text[_LEADING_BLANK_LINES.match(text, start).end() : cut] + "//\n", True
+        start = end + 1
+
+
+def split_flat_records(chunks: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Records of a flat-file stream cut at `//` lines, with whether the terminator was seen (a truncated tail).
+
+    `chunks` are consecutive pieces of the text: lines, or (much faster: cuts are found by `str.find`, not by a Python
+    step per line) large blocks. Blank lines before a record are dropped and its terminator line becomes `//`.
+    """
+    rest = ""
+    for chunk in chunks:
+        rest = yield from _cut_records(rest + chunk)
+    if rest and not rest.endswith("\n"):
+        rest = yield from _cut_records(rest + "\n")
+    rest = rest[_LEADING_BLANK_LINES.match(rest).end() :]
+    if rest:
+        yield rest, False
 
 
 def _flat_comments(record: SwissProt.Record) -> dict[str, list[str]]:
@@ -257,21 +315,97 @@ def entry_from_swissprot(record: SwissProt.Record) -> UniProtEntry:
     )
 
 
-def _read_flat(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
+class _FeatureAndCommentFilter:
+    """`re.sub` callback keeping the features and comments `entry_from_swissprot` reads, by Biopython's own rules.
+
+    Biopython adds a continuation line to the last feature (comment) started, even past other lines, so continuation
+    lines share the fate of that one; before any start, they are kept (Biopython rejects or keeps them as they are).
+    A comment whose first line names no topic is kept: its topic is only known once its lines are joined.
+    """
+
+    def __init__(self) -> None:
+        self.feature = True
+        self.comment = True
+
+    def __call__(self, block: re.Match[str]) -> str:
+        text = block.group()
+        if text[1] == "F":
+            if block.group("feature"):
+                self.feature = text[6:14].rstrip() in _FLAT_FEATURES
+            return text if self.feature else ""
+        if block.group("comment"):
+            topic, colon, _ = text[10:].partition("\n")[0].partition(":")
+            self.comment = not colon or topic.strip() in _FLAT_TOPICS
+        return text if self.comment else ""
+
+
+def drop_unread_lines(text: str) -> str:
+    """A terminated record without the lines the entry never uses: Biopython parses what is left about 6x faster.
+
+    Dropped: references (RN..RL), DR lines other than GO, `**` lines, the CC copyright box, features of other types
+    and comments of other topics. Every other line (unknown ones too, which make Biopython reject the record) is
+    passed on unchanged, so the parsed entry is the same; only a defect confined to a dropped line no longer makes a
+    record unreadable.
+    """
+    return _FT_CC_BLOCK.sub(_FeatureAndCommentFilter(), _UNREAD_LINES.sub("", text))
+
+
+def _parse_flat_record(text: str, terminated: bool) -> UniProtEntry | str:
+    """The entry of one record, or why it is unreadable (a string, so results pickle back from workers as is)."""
+    if not terminated:
+        return _TRUNCATED
+    try:
+        return entry_from_swissprot(SwissProt.read(io.StringIO(drop_unread_lines(text))))
+    except Exception as error:  # noqa: BLE001 - any parser failure skips only this record
+        return f"{type(error).__name__}: {error}"
+
+
+def _parse_flat_batch(records: list[tuple[str, bool]]) -> list[UniProtEntry | str]:
+    """Worker task: one batch of records, so that each round trip to a process carries megabytes, not one entry."""
+    return [_parse_flat_record(text, terminated) for text, terminated in records]
+
+
+def _batches(records: Iterable[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
+    size = 0
+    for record in records:
+        batch.append(record)
+        size += len(record[0])
+        if size >= _BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _parse_flat_records(
+    records: Iterable[tuple[str, bool]], pool: Executor | None, in_flight: int
+) -> Iterator[tuple[str, UniProtEntry | str]]:
+    """(record text, entry or problem) in input order; with a pool, at most `in_flight` batches wait at any time."""
+    if pool is None:
+        for text, terminated in records:
+            yield text, _parse_flat_record(text, terminated)
+        return
+    pending: deque[tuple[list[tuple[str, bool]], Future[list[UniProtEntry | str]]]] = deque()
+    for batch in _batches(records):
+        pending.append((batch, pool.submit(_parse_flat_batch, batch)))
+        if len(pending) >= in_flight:
+            done, future = pending.popleft()
+            yield from zip((text for text, _ in done), future.result(), strict=True)
+    for done, future in pending:
+        yield from zip((text for text, _ in done), future.result(), strict=True)
+
+
+def _read_flat(path: Path, report: ReadReport, pool: Executor | None, in_flight: int) -> Iterator[UniProtEntry]:
     with _open_text(path) as handle:
-        for index, (text, terminated) in enumerate(split_flat_records(handle)):
-            accession = _ACCESSION_LINE.search(text)
-            where = accession.group(1) if accession else f"entry #{index}"
-            if not terminated:
-                report.skip(str(path), where, "truncated record: no '//' terminator before end of file")
-                continue
-            try:
-                entry = entry_from_swissprot(SwissProt.read(io.StringIO(text)))
-            except Exception as error:  # noqa: BLE001 - any parser failure skips only this record
-                report.skip(str(path), where, f"{type(error).__name__}: {error}")
+        records = split_flat_records(iter(partial(handle.read, _FLAT_CHUNK_CHARS), ""))
+        for index, (text, result) in enumerate(_parse_flat_records(records, pool, in_flight)):
+            if isinstance(result, str):
+                accession = _ACCESSION_LINE.search(text)
+                report.skip(str(path), accession.group(1) if accession else f"entry #{index}", result)
                 continue
             report.read[str(path)] += 1
-            yield entry
+            yield result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,22 +563,32 @@ def _read_json(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
         yield entry
 
 
-_READERS = {"flat": _read_flat, "xml": _read_xml, "json": _read_json}
-
-
-def iter_entries(path: str | Path, report: ReadReport | None = None) -> Iterator[UniProtEntry]:
+def iter_entries(path: str | Path, report: ReadReport | None = None, workers: int = 1) -> Iterator[UniProtEntry]:
     """Entries of a UniProtKB file (flat/XML/JSON, optionally gzipped) or of every such file in a folder.
 
     Problems go to `report` (pass one in to see them); a file of unknown format is reported, not guessed at.
+    `workers` > 1 parses flat-file records in that many processes (Biopython parsing is CPU-bound); entries and
+    report are the same as with one, in the same order. XML and JSON are always read in this process. Workers are
+    started with "spawn", so a calling script needs the usual `if __name__ == "__main__":` guard.
     """
     report = report if report is not None else ReadReport()
-    for file in _files(Path(path)):
-        try:
-            kind = detect_format(file)
-        except (OSError, UnicodeDecodeError) as error:
-            report.skip(str(file), "whole file", f"{type(error).__name__}: {error}")
-            continue
-        if kind is None:
-            report.skip(str(file), "whole file", "unknown format: not UniProt flat, XML or JSON")
-            continue
-        yield from _READERS[kind](file, report)
+    # spawn, not fork: safe in callers that run threads (progress bars, tokenizers), same on every OS
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        for file in _files(Path(path)):
+            try:
+                kind = detect_format(file)
+            except (OSError, UnicodeDecodeError) as error:
+                report.skip(str(file), "whole file", f"{type(error).__name__}: {error}")
+                continue
+            if kind == "flat":
+                yield from _read_flat(file, report, pool, _IN_FLIGHT_PER_WORKER * workers)
+            elif kind == "xml":
+                yield from _read_xml(file, report)
+            elif kind == "json":
+                yield from _read_json(file, report)
+            else:
+                report.skip(str(file), "whole file", "unknown format: not UniProt flat, XML or JSON")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)

@@ -1,13 +1,25 @@
 """The UniProtKB readers on the real demo corpus shipped in dataset_card/data/uniprot (see its SOURCES.md files)."""
 
 import gzip
+import io
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+from Bio import SwissProt
 
-from dataset_card.uniprot_reader import ReadReport, UniProtEntry, clean_text, iter_entries
+from dataset_card import uniprot_reader
+from dataset_card.uniprot_reader import (
+    ReadReport,
+    UniProtEntry,
+    clean_text,
+    detect_format,
+    drop_unread_lines,
+    entry_from_swissprot,
+    iter_entries,
+    split_flat_records,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "dataset_card" / "data" / "uniprot"
 P05067 = DATA / "uniprot_flat_core" / "ff-parser__src__test__resources__entryIT__P05067.dat"
@@ -118,3 +130,94 @@ def test_evidence_tags_are_stripped(corpus) -> None:
             for name, value in vars(entry).items():
                 texts = value if isinstance(value, list) else [value]
                 assert not any("{ECO:" in t or "(PubMed:" in t or "  " in t for t in texts), (entry.accession, name)
+
+
+def _parsed(text: str) -> UniProtEntry | str:
+    """What Biopython + `entry_from_swissprot` make of a record: the entry, or the error it raised."""
+    try:
+        return entry_from_swissprot(SwissProt.read(io.StringIO(text)))
+    except Exception as error:  # noqa: BLE001 - the error itself is compared
+        return f"{type(error).__name__}: {error}"
+
+
+FLAT_FILES = sorted(p for p in DATA.rglob("*") if p.is_file() and detect_format(p) == "flat")
+
+
+def test_every_demo_flat_file_is_compared() -> None:
+    assert len(FLAT_FILES) == 79 + 41  # all but the two XML files of core, every file of store
+
+
+@pytest.mark.parametrize("path", FLAT_FILES, ids=lambda p: p.name)
+def test_dropping_unread_lines_keeps_every_entry(path: Path) -> None:
+    # The full record parsed by Biopython is the reference; the reader must give the same entries and problems.
+    records = list(split_flat_records([path.read_text(encoding="utf-8")]))
+    assert all(done for _, done in records)
+    expected = [_parsed(text) for text, _ in records]
+    assert [_parsed(drop_unread_lines(text)) for text, _ in records] == expected
+    report = ReadReport()
+    assert list(iter_entries(path, report)) == [e for e in expected if isinstance(e, UniProtEntry)]
+    assert [p.reason for p in report.problems] == [e for e in expected if isinstance(e, str)]
+
+
+def test_dropped_feature_keeps_its_continuation_lines_past_other_lines() -> None:
+    # Biopython adds an FT (CC) continuation line to the last feature (comment) started, even after other lines.
+    text = P05067.read_text()
+    head, features = text.split("\nFT   ", 1)
+    record = (
+        head + "\nCC   -!- INTERACTION:\nDR   PDB; 1AAA; X-ray; -.\nCC       P1; P2: NbExp=3;\n"
+        "CC   -!- CAUTION\nCC       : kept, its topic is only known once joined.\n"
+        'FT   CHAIN           1..10\nKW   Signal.\nFT                   /note="Not a domain"\n'
+        'FT   DOMAIN          2..9\nOS   Homo sapiens.\nFT                   /note="Kept domain"\nFT   ' + features
+    )
+    entry = _parsed(record)
+    assert isinstance(entry, UniProtEntry) and "Kept domain" in entry.domains and "Not a domain" not in entry.domains
+    assert _parsed(drop_unread_lines(record)) == entry
+    kept = drop_unread_lines(record)
+    assert "INTERACTION" not in kept and "NbExp" not in kept and "Not a domain" not in kept and "CAUTION" in kept
+    assert not re.search(r"^(?:R[NPCXGATL]|\*\*)|^DR   (?!GO)", kept, re.MULTILINE)
+
+
+def test_orphan_continuation_lines_are_rejected_as_before() -> None:
+    text = P05067.read_text()
+    record = text.replace("\nFT   ", '\nFT                   /note="no feature yet"\nFT   ', 1)
+    assert _parsed(record) == _parsed(drop_unread_lines(record)) == "IndexError: list index out of range"
+
+
+def test_split_flat_records_gives_the_same_records_for_any_chunking() -> None:
+    text = "\n \t\nID   A\nXX   a\n\n// trailing words\n//\n  \nID   B\nXX   b\n//\nID   C\nXX   c"
+    expected = [
+        ("ID   A\nXX   a\n\n//\n", True),  # blank lines inside a record stay (Biopython rejects them)
+        ("//\n", True),
+        ("ID   B\nXX   b\n//\n", True),
+        ("ID   C\nXX   c\n", False),
+    ]
+    for size in (1, 2, 3, 5, 1 << 20):
+        assert list(split_flat_records(text[i : i + size] for i in range(0, len(text), size))) == expected
+    assert list(split_flat_records(io.StringIO(text))) == expected  # lines are chunks too
+    assert list(split_flat_records(["ID   D\n//"])) == [("ID   D\n//\n", True)]  # last line without newline
+
+
+@pytest.mark.parametrize("text", ["Binds\xa0zinc\x1c (Probable).", " a\t\nb  {ECO:1} (PubMed:2) . ", "(x) {y}", ""])
+def test_clean_text_matches_the_plain_regex_chain(text: str) -> None:
+    text_without_evidence = re.sub(r"\s*\{ECO:[^}]*\}", "", text)
+    reference = re.sub(r"\s*\((?:PubMed|Ref\.|By similarity|Probable|Potential)[^()]*\)", "", text_without_evidence)
+    assert clean_text(text) == re.sub(r"\s+", " ", reference).strip().rstrip(". ")
+
+
+def test_workers_give_the_same_entries_and_report(corpus, monkeypatch) -> None:
+    monkeypatch.setattr(uniprot_reader, "_BATCH_CHARS", 50_000)  # many small batches: ordering and bounding at work
+    for folder in EXPECTED:
+        report = ReadReport()
+        entries, expected_report = corpus[folder]
+        assert list(iter_entries(DATA / folder, report, workers=2)) == entries
+        assert (report.read, report.skipped, report.problems) == (
+            expected_report.read,
+            expected_report.skipped,
+            expected_report.problems,
+        )
+
+
+def test_workers_stop_when_the_reader_is_closed_early() -> None:
+    entries = iter_entries(DATA / "uniprot_flat_store", workers=2)
+    assert isinstance(next(entries), UniProtEntry)
+    entries.close()
