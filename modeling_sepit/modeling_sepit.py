@@ -29,7 +29,7 @@ class SepitModelOutputWithPast(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
@@ -43,7 +43,7 @@ class SepitCausalLMOutputWithPast(ModelOutput):
     loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
@@ -69,7 +69,7 @@ class SepitPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("text",)
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_attention_backend = True
 
@@ -163,7 +163,7 @@ class SepitModel(SepitPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         protein_input_ids: torch.LongTensor | None = None,
         protein_attention_mask: torch.Tensor | None = None,
@@ -206,7 +206,7 @@ class SepitModel(SepitPreTrainedModel):
                 placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.dtype)
             )
         elif placeholder is not None and bool(placeholder.any()):
-            decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+            decoding = cache is not None and cache.get_seq_length() > 0
             if not decoding:
                 raise ValueError(
                     "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
@@ -224,7 +224,7 @@ class SepitModel(SepitPreTrainedModel):
             outputs = self.language_model(
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 **kwargs,
@@ -234,7 +234,7 @@ class SepitModel(SepitPreTrainedModel):
                 hook.remove()
         return SepitModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=tuple(router_logits) if output_router_logits else None,
@@ -315,7 +315,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         protein_input_ids: torch.LongTensor | None = None,
         protein_attention_mask: torch.Tensor | None = None,
@@ -335,7 +335,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             protein_input_ids=protein_input_ids,
             protein_attention_mask=protein_attention_mask,
@@ -362,7 +362,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,

@@ -564,7 +564,7 @@ class SepitPretrainingCollator:
 
     It is also the Trainer's `processing_class`: `save_pretrained` writes both tokenizers next to the model, so every
     checkpoint and the final folder are self-contained ([`from_pretrained`] reads them back), and `pad_token_id` lets
-    the Trainer count non-padding protein tokens.
+    the Trainer count non-padding protein tokens (`include_num_input_tokens_seen="non_padding"`).
 
     Args:
         protein_tokenizer: the ESM-2 tokenizer of the encoder.

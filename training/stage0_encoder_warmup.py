@@ -5,13 +5,13 @@ coordinate-denoising and masked-residue losses, before any LLM. Only configurati
     python training/stage0_encoder_warmup.py --config training/recipes/tiny/stage0.yaml
     torchrun --nproc_per_node 8 training/stage0_encoder_warmup.py --config training/recipes/paper-tinyllama/stage0.yaml
 
-`--resume_from_checkpoint true` continues from the newest complete checkpoint in `output_dir`. The output folder loads
-with `SepitForProteinPretraining.from_pretrained`; stage 1 takes its encoder with `encoder_warmup_dir`.
+`--resume_from_checkpoint true` continues from the newest checkpoint in `output_dir` (checkpoints appear whole). The
+output folder loads with `SepitForProteinPretraining.from_pretrained`; stage 1 takes its encoder with
+`encoder_warmup_dir`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,12 +21,11 @@ import torch
 from datasets import load_dataset
 from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 from trl import TrlParser
 
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
-from modeling_sepit.training_sepit import save_loss_plot
+from modeling_sepit.training_sepit import AtomicCheckpointMixin, save_loss_plot
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
 MODEL_OVERRIDES = ("projection_dim", "mlm_probability", "coordinate_noise_scale", "num_gaussian_kernels")
@@ -72,9 +71,10 @@ class Stage0Arguments:
             raise ValueError(f"{given}: these build a new model; a continued model keeps its saved config")
 
 
-class SepitPretrainingTrainer(Trainer):
+class SepitPretrainingTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` that logs each stage-0 loss next to `loss` (averaged, like it, over the logging interval and the
-    processes) and gives the modules trained from scratch their own learning rate, as the original did."""
+    processes), gives the modules trained from scratch their own learning rate, as the original did, and writes each
+    checkpoint whole (`AtomicCheckpointMixin`)."""
 
     def __init__(self, *args, new_modules_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,35 +127,6 @@ class SepitPretrainingTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` (written last) is whole. Transformers writes checkpoints in
-    place, so a run killed while saving leaves a partial folder that `get_last_checkpoint` would pick."""
-    checkpoints = sorted(
-        (path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()),
-        key=lambda path: int(path.name.split("-")[-1]),
-        reverse=True,
-    )
-    for checkpoint in checkpoints:
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        return str(checkpoint)
-    return None
-
-
-def resume_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint`: 'true' means the newest complete checkpoint in `output_dir`, a path that path."""
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() != "true":
-        return value
-    checkpoint = last_complete_checkpoint(output_dir)
-    if checkpoint is None:
-        raise ValueError(f"resume_from_checkpoint=true but {output_dir} holds no complete checkpoint")
-    return checkpoint
-
-
 def load_model_and_collator(args: Stage0Arguments) -> tuple[SepitForProteinPretraining, SepitPretrainingCollator]:
     """A stage-0 folder and its tokenizers, or a new model from ESM-2 and the caption encoder."""
     lengths = {"max_protein_length": args.max_protein_length, "max_caption_length": args.max_caption_length}
@@ -178,6 +149,8 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
             "several processes were launched but Accelerate found no GPU: set use_cpu: true to train on CPU"
         )
     training_args.remove_unused_columns = False  # the collator needs sequence, coords and caption
+    # Evaluation reports the losses; keeping every batch's embeddings and logits would only fill memory.
+    training_args.prediction_loss_only = True
     if training_args.ddp_find_unused_parameters is None:
         # A batch without any structure leaves the structure module out of the graph.
         training_args.ddp_find_unused_parameters = True
@@ -199,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((Stage0Arguments, TrainingArguments))
     script_args, training_args = parser.parse_args_and_config(args=argv)
     trainer = build_trainer(script_args, training_args)
-    output_dir = training_args.output_dir
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint, output_dir))
-    trainer.save_model(output_dir)
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint={"true": True, "false": None}.get(str(resume).lower(), resume))
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        save_loss_plot(trainer.state.log_history, Path(output_dir) / "loss_curve.png", f"stage 0: {output_dir}")
+        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", f"stage 0: {output_dir.name}")
         trainer.accelerator.print(f"stage-0 model saved to {output_dir}")
     trainer.end()
     return 0
