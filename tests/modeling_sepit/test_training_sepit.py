@@ -46,7 +46,11 @@ def test_upcycled_top1_activates_what_the_dense_model_had(model) -> None:
     dense = parameter_counts(model)
     assert dense["activated"] == dense["total"] and dense["router"] == 0
     top1 = parameter_counts(model.upcycle_to_moe(num_experts=4, num_experts_per_tok=1))
-    assert top1["activated"] == dense["total"] and top1["router"] > 0 and top1["total"] > top1["activated"] + top1["router"]
+    assert (
+        top1["activated"] == dense["total"]
+        and top1["router"] > 0
+        and top1["total"] > top1["activated"] + top1["router"]
+    )
     top2 = parameter_counts(SepitForConditionalGeneration(tiny_config()).upcycle_to_moe(4, 2))
     assert top2["activated"] > dense["total"]
 
