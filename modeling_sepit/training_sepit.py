@@ -6,6 +6,7 @@ Not imported by the model files, so a checkpoint's remote code never needs TRL.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
@@ -144,6 +146,17 @@ class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+def end_training(trainer: Trainer) -> None:
+    """`trainer.end()` after letting go of the DDP wrapper. DDP's reducer holds the process group: freed last, at
+    interpreter exit with the GIL held, Gloo's destructor can wait forever on a worker thread that needs the GIL to free
+    a finished operation's tensors (pytorch/pytorch#56297; seen here as a hung `torchrun`). Released first, the group
+    is destroyed by `destroy_process_group`, whose binding drops the GIL while it waits."""
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
+    trainer.end()
 
 
 def save_loss_plot(log_history: list[dict], path: str | os.PathLike, title: str) -> Path | None:

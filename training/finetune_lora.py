@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.hub_sepit import save_hub_folder
-from modeling_sepit.training_sepit import save_loss_plot
+from modeling_sepit.training_sepit import end_training, save_loss_plot
 
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_PROJECTIONS = ("query", "key", "value")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             merge_adapter(script_args.model_name_or_path, output_dir, merged_dir, script_args.dtype)
             trainer.accelerator.print(f"adapter in {output_dir}; merged model in {merged_dir}")
     trainer.accelerator.wait_for_everyone()
-    trainer.end()
+    end_training(trainer)
     return 0
 
 

@@ -20,7 +20,13 @@ from trl import SFTConfig, TrlParser
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
-from modeling_sepit.training_sepit import SepitSFTTrainer, freeze_modules, parameter_counts, save_loss_plot
+from modeling_sepit.training_sepit import (
+    SepitSFTTrainer,
+    end_training,
+    freeze_modules,
+    parameter_counts,
+    save_loss_plot,
+)
 
 
 @dataclass
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{'stage 2 (MoE)' if script_args.num_experts else 'stage 1'}: {output_dir.name}"
         save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title)
         trainer.accelerator.print(f"parameters: {counts}; model saved to {output_dir}")
-    trainer.end()
+    end_training(trainer)
     return 0
 
 

@@ -25,7 +25,7 @@ from transformers.training_args import ParallelMode
 from trl import TrlParser
 
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
-from modeling_sepit.training_sepit import AtomicCheckpointMixin, save_loss_plot
+from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, save_loss_plot
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
 MODEL_OVERRIDES = ("projection_dim", "mlm_probability", "coordinate_noise_scale", "num_gaussian_kernels")
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_world_process_zero():
         save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", f"stage 0: {output_dir.name}")
         trainer.accelerator.print(f"stage-0 model saved to {output_dir}")
-    trainer.end()
+    end_training(trainer)
     return 0
 
 

@@ -116,8 +116,18 @@ def _free_port() -> int:
 
 
 SYNC_WRAPPER = """
-import hashlib, os, runpy, sys
+import gc, hashlib, os, runpy, sys
+from torch.nn.parallel import DistributedDataParallel
+from transformers import Trainer
 from modeling_sepit import training_sepit
+end = Trainer.end
+def end_and_count_wrappers(self):
+    gc.collect()
+    alive = sum(isinstance(item, DistributedDataParallel) for item in gc.get_objects())
+    with open(os.path.join(os.environ["FINGERPRINTS"], f"ddp{os.environ['RANK']}.txt"), "w") as handle:
+        handle.write(str(alive))
+    return end(self)
+Trainer.end = end_and_count_wrappers
 train = training_sepit.SepitSFTTrainer.train
 def train_and_fingerprint(self, *args, **kwargs):
     result = train(self, *args, **kwargs)
@@ -147,6 +157,8 @@ def test_two_processes_train_stage1_in_sync(parts, tmp_path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     fingerprints = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert fingerprints[0] == fingerprints[1] and fingerprints[0][1] == "3"
+    # The DDP wrapper is gone before the process group is destroyed (`end_training`): freed at exit, it can hang Gloo.
+    assert [(tmp_path / f"ddp{rank}.txt").read_text() for rank in (0, 1)] == ["0", "0"]
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
 
 
