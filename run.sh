@@ -4,13 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# WordNet 3.0 for METEOR (modeling_sepit/metrics_sepit.py) comes from Debian's wordnet-base, never from nltk.download.
+if [ ! -d /usr/share/wordnet ] && [ -z "${SEPIT_WORDNET_DIR:-}" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; }
+    else
+        echo "note: METEOR needs WordNet 3.0: install Debian's wordnet-base as root, or set SEPIT_WORDNET_DIR" >&2
+    fi
+fi
+
 venv=.venv
 stamp="$venv/.installed-$(cat setup.cfg constraints.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet torch==2.13.0
-    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[train,dev]"
+    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[train,eval,dev]"
     rm -f "$venv"/.installed-* && touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

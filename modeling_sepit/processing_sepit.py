@@ -211,7 +211,8 @@ class SepitProcessor(ProcessorMixin):
         limit = self.max_protein_length
         if len(protein.sequence) <= limit:
             return protein
-        logger.warning(f"a protein of {len(protein.sequence)} residues was truncated to max_protein_length={limit}")
+        # Once per process: an evaluation over a long-protein benchmark would otherwise repeat it for every question.
+        logger.warning_once(f"proteins longer than max_protein_length={limit} residues are truncated to it")
         cut = slice(0, limit)
         if protein.coords is None:
             return ProteinInput(protein.sequence[cut])

@@ -1,6 +1,9 @@
-"""Shared test helpers: tiny SEPIT configs and real proteins (sequence + C-alpha coordinates) from PDB files."""
+"""Shared test helpers: tiny SEPIT configs, real proteins (sequence + C-alpha coordinates) from PDB files, and, built
+once per session, a small real dataset (the bundled UniProt store plus the test fixtures, with structures for P00698
+and P05067) with tiny parts whose text tokenizer is trained on it."""
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +18,10 @@ from transformers import AutoTokenizer, EsmConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dataset_card.build_dataset import BuildArguments, build_dataset  # noqa: E402
 from modeling_sepit import SepitConfig  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 ORIGINAL = FIXTURES / "sepit-original"
 STRUCTURES = FIXTURES / "structures"
@@ -134,3 +139,23 @@ def run_in_fresh_python(script: str, args: list[str], workdir: Path) -> str:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("training-data") / "dataset"
+    sources = [
+        str(ROOT / "dataset_card" / "data" / "uniprot" / "uniprot_flat_store"),
+        str(ROOT / "tests/fixtures/uniprot"),
+    ]
+    build_dataset(BuildArguments(output_dir=str(output), uniprot=sources))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(demo_dataset, tmp_path_factory) -> Path:
+    """protein_model/, language_model/ and text_encoder/ folders (`training/build_tiny_parts.py`)."""
+    builder = runpy.run_path(str(ROOT / "training" / "build_tiny_parts.py"))
+    output = tmp_path_factory.mktemp("training-parts") / "parts"
+    arguments = builder["TinyPartsArguments"](dataset_dir=str(demo_dataset), output_dir=str(output), hidden_size=64)
+    return builder["build_tiny_parts"](arguments)

@@ -1,0 +1,83 @@
+"""The evaluation harness: what each system sends to `generate` (structure, sequence only, no protein), answers in
+row order, batched answers equal one-by-one answers, and bad arguments named."""
+
+import pytest
+import torch
+from datasets import load_dataset
+
+from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.evaluation_sepit import (
+    NO_PROTEIN,
+    SEPIT,
+    STRUCTURE_WITHHELD,
+    generate_answers,
+    is_closed,
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_parts):
+    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
+    processor.max_protein_length = 64
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model", protein_token_id=processor.protein_token_id
+    )
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def rows(demo_dataset) -> list[dict]:
+    """Four held-out questions and one about lysozyme, whose structure the dataset attached."""
+    dataset = load_dataset(str(demo_dataset), "instructions")
+    lysozyme = next(row for row in dataset["train"] if row["accession"] == "P00698")
+    assert lysozyme["coords"] is not None
+    return [*dataset["test"].select(range(4)).to_list(), lysozyme]
+
+
+def recorded_generate(model, monkeypatch) -> list[dict]:
+    calls = []
+    generate = model.generate
+
+    def recording(**inputs):
+        calls.append({name: value.clone() for name, value in inputs.items() if isinstance(value, torch.Tensor)})
+        return generate(**inputs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    return calls
+
+
+def test_each_system_sends_what_it_names(model_and_processor, rows, monkeypatch) -> None:
+    model, processor = model_and_processor
+    calls = recorded_generate(model, monkeypatch)
+    for system in (SEPIT, STRUCTURE_WITHHELD, NO_PROTEIN):
+        answers = generate_answers(model, processor, rows, system, batch_size=8, max_new_tokens=3, progress=False)
+        assert len(answers) == len(rows) and all(isinstance(answer, str) for answer in answers)
+    sepit, withheld, no_protein = calls
+    assert sepit["protein_coords_mask"].sum() == sum(rows[-1]["coords_mask"][:64])  # lysozyme, cut at 64 residues
+    assert withheld["protein_input_ids"].shape[0] == len(rows) and "protein_coords" not in withheld
+    assert "protein_input_ids" not in no_protein
+    assert not (no_protein["input_ids"] == processor.protein_token_id).any()
+
+
+def test_batched_answers_come_back_in_row_order_and_equal_one_by_one(model_and_processor, rows) -> None:
+    model, processor = model_and_processor
+    batched = generate_answers(model, processor, rows, SEPIT, batch_size=3, max_new_tokens=6, progress=False)
+    one_by_one = [
+        generate_answers(model, processor, [row], SEPIT, batch_size=1, max_new_tokens=6, progress=False)[0]
+        for row in rows
+    ]
+    assert batched == one_by_one
+
+
+def test_bad_arguments_are_named(model_and_processor, rows) -> None:
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match="system must be one of"):
+        generate_answers(model, processor, rows, "sepit-large", progress=False)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        generate_answers(model, processor, rows, SEPIT, batch_size=0, progress=False)
+
+
+def test_closed_questions_are_the_yes_no_types() -> None:
+    assert is_closed("yes_no:go_mf") and is_closed("yes_no:instructprotein_metal_ion_binding")
+    assert not is_closed("function") and not is_closed("go_mf")

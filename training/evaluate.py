@@ -1,0 +1,137 @@
+"""Evaluate a SEPIT model on a test split: batched greedy answers from the model and from the two baselines of the
+same harness (structure withheld; the LLM with no protein), scored with BLEU-1..4, ROUGE-1/2/L, METEOR, BERTScore
+and yes/no accuracy, overall and per question type. Only configuration lives here:
+
+    python training/evaluate.py --model_name_or_path outputs/stage2 --dataset_name outputs/dataset \\
+        --output_dir outputs/evaluation [--external_benchmarks outputs/instructprotein]
+
+Writes `<output_dir>/<benchmark>/metrics.{json,md,png}` and `predictions.jsonl` (question, reference, every system's
+answer), for the held-out split (`heldout`) and, when given, the InstructProtein yes/no sets (`instructprotein`,
+built by `python -m dataset_card.external_benchmarks`). The paper's BERTScore model is PubMedBERT; offline, pass a
+local folder (the default is all-MiniLM-L6-v2, shipped in the `eval` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import load_dataset
+from transformers import HfArgumentParser
+
+from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.evaluation_sepit import SYSTEMS, generate_answers, is_closed
+from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
+
+PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"
+
+
+@dataclass
+class EvaluationArguments:
+    """What to evaluate, on what, and how answers are generated and scored."""
+
+    model_name_or_path: str = field(metadata={"help": "SEPIT folder or Hub id (model + processor)."})
+    output_dir: str = field(metadata={"help": "Folder for the metrics, charts and predictions."})
+    dataset_name: str = field(default="outputs/dataset", metadata={"help": "Dataset built by dataset_card."})
+    dataset_config: str = field(default="instructions", metadata={"help": "Config holding the questions."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    external_benchmarks: str | None = field(
+        default=None, metadata={"help": "Folder written by dataset_card.external_benchmarks (InstructProtein)."}
+    )
+    systems: list[str] = field(
+        default_factory=lambda: list(SYSTEMS), metadata={"help": f"Systems to compare: any of {list(SYSTEMS)}."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
+    batch_size: int = field(default=8, metadata={"help": "Questions generated together."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Length limit of each answer."})
+    bertscore_model: str | None = field(
+        default=None,
+        metadata={
+            "help": f"BERTScore model (name or folder; the paper: {PUBMEDBERT}); default: the bundled "
+            "all-MiniLM-L6-v2; 'none' skips BERTScore."
+        },
+    )
+    bertscore_num_layers: int | None = field(
+        default=None, metadata={"help": "Layer BERTScore reads (needed for models bert-score has no default for)."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
+    device: str = field(default="cpu", metadata={"help": "Device to generate on (cuda on a GPU machine)."})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.systems) - set(SYSTEMS)
+        if unknown or not self.systems:
+            raise ValueError(f"systems: {sorted(unknown) or 'none given'}; choose from {list(SYSTEMS)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
+        if self.bertscore_model is None:
+            self.bertscore_model, self.bertscore_num_layers = default_bertscore_model(), 6
+        elif self.bertscore_model.lower() == "none":
+            self.bertscore_model = None
+
+
+def evaluate_benchmark(
+    model: SepitForConditionalGeneration,
+    processor: SepitProcessor,
+    rows: list[dict],
+    args: EvaluationArguments,
+    output_dir: Path,
+    title: str,
+) -> dict[str, dict]:
+    """Answers of every system to `rows`, their scores, and the report files in `output_dir`."""
+    answers = {
+        system: generate_answers(model, processor, rows, system, args.batch_size, args.max_new_tokens)
+        for system in args.systems
+    }
+    references = [row["answer"] for row in rows]
+    types = [row["type"] for row in rows]
+    results = {
+        system: score_answers(
+            predictions,
+            references,
+            types,
+            [is_closed(kind) for kind in types],
+            args.bertscore_model,
+            args.bertscore_num_layers,
+        )
+        for system, predictions in answers.items()
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_report(results, output_dir, title=title)
+    staging = output_dir / ".predictions.jsonl.tmp"
+    with staging.open("w", encoding="utf-8") as handle:
+        for i, row in enumerate(rows):
+            record = {"accession": row["accession"], "type": row["type"], "question": row["question"]}
+            record |= {"reference": row["answer"], **{system: answers[system][i] for system in answers}}
+            handle.write(json.dumps(record) + "\n")
+    os.replace(staging, output_dir / "predictions.jsonl")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(EvaluationArguments, description=__doc__.splitlines()[0])
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    processor = SepitProcessor.from_pretrained(args.model_name_or_path)
+    model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype).to(args.device)
+    benchmarks = {"heldout": load_dataset(args.dataset_name, args.dataset_config, split=args.split)}
+    if args.external_benchmarks:
+        benchmarks["instructprotein"] = load_dataset(args.external_benchmarks, split="test")
+    output_dir = Path(args.output_dir)
+    for name, dataset in benchmarks.items():
+        if args.max_samples is not None:
+            dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+        title = f"{name}: {Path(args.model_name_or_path).name} on {len(dataset)} questions"
+        evaluate_benchmark(model, processor, dataset.to_list(), args, output_dir / name, title)
+        print(f"{name}: {output_dir / name / 'metrics.md'}")
+        print((output_dir / name / "metrics.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
