@@ -1,66 +1,237 @@
-"""The main job (until the training pipeline lands): convert the bundled original-format SEPIT checkpoint, check it
-against the original implementation's outputs, and ask it about a real protein from a PDB file.
+"""The main job: build the instruction dataset, train SEPIT stage by stage (0 -> 1 -> 2), evaluate it against its
+baselines, write a Hub-ready folder, reload it in a fresh process and ask it about held-out real proteins.
 
-    ./run.sh main [--case original-tiny-moe-top1] [--structure tests/fixtures/structures/biotite__1aki.pdb --chain A]
+    ./run.sh main                                   # bundled demo corpus, tiny models, CPU (about 10 minutes)
+    ./run.sh main --protein_model facebook/esm2_t33_650M_UR50D --language_model TinyLlama/TinyLlama-1.1B-Chat-v1.0 \\
+        --text_encoder microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext \\
+        --recipes training/recipes/paper-tinyllama --dataset_dir sprot-instructions --device cuda
+    ./run.sh main --push_model_repo me/sepit-tiny --push_dataset_repo me/sepit-instructions   # then publish
 
-The bundled checkpoints are tiny and random: the answer is noise; what is checked is that conversion is exact and that
-a real sequence with its structure goes through encoder, projector and LLM to decoded text.
+Every step is one of the project's own commands (printed before it runs), so each can be rerun or changed alone.
+On the default, the models are tiny and trained from scratch on a few hundred proteins: the figures check the
+pipeline end to end; they are no claim about SEPIT's quality.
 """
 
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from transformers import HfArgumentParser, pipeline
+from datasets import load_dataset
+from transformers import HfArgumentParser
 
-from modeling_sepit import SepitForConditionalGeneration, load_structure
-from modeling_sepit.convert_original_sepit import convert, verify_conversion
+from dataset_card.card import push_dataset
+from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.hub_sepit import model_card, push_hub_folder, save_hub_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-ORIGINAL = ROOT / "tests" / "fixtures" / "sepit-original"
+HELD_OUT_STRUCTURE = ROOT / "examples" / "data" / "4hhb.pdb"  # haemoglobin: not in the demo corpus
+RELOAD_SCRIPT = ROOT / "examples" / "reload_and_ask.py"
 
 
 @dataclass
 class MainJobArguments:
-    case: str = field(default="original-tiny-moe-top1", metadata={"help": "Bundled original-format checkpoint."})
-    structure: str = field(
-        default=str(ROOT / "tests" / "fixtures" / "structures" / "biotite__1aki.pdb"),
-        metadata={"help": "PDB file of the protein to ask about (default: hen egg-white lysozyme, 1AKI)."},
+    """Where the job writes, what it trains on and with, and where it may publish."""
+
+    output_dir: str = field(default="outputs/main", metadata={"help": "Folder for everything the job writes."})
+    dataset_dir: str | None = field(
+        default=None, metadata={"help": "A dataset built by dataset_card.build_dataset; default: build the demo."}
     )
-    chain: str = field(default="A", metadata={"help": "Author chain id in the structure file."})
-    question: str = field(default="What is the function of <bop><protein><eop> ?", metadata={"help": "Question."})
-    output_dir: str = field(default=str(ROOT / "outputs" / "converted"), metadata={"help": "Converted model folder."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Tokens to generate."})
+    protein_model: str | None = field(default=None, metadata={"help": "ESM-2 checkpoint; default: tiny parts."})
+    language_model: str | None = field(default=None, metadata={"help": "Chat LLM checkpoint; default: tiny parts."})
+    text_encoder: str | None = field(default=None, metadata={"help": "Stage-0 caption encoder; default: tiny."})
+    recipes: str = field(default="training/recipes/tiny", metadata={"help": "Folder of stage0/1/2 YAML recipes."})
+    launcher: str = field(
+        default="", metadata={"help": "Prefix for the training commands, e.g. 'accelerate launch --config_file ...'."}
+    )
+    external_per_benchmark: int = field(default=40, metadata={"help": "InstructProtein questions per benchmark."})
+    max_steps: int | None = field(default=None, metadata={"help": "Cap every stage's steps (quick check)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
+    bertscore_model: str | None = field(default=None, metadata={"help": "BERTScore model (default: bundled)."})
+    device: str = field(default="cpu", metadata={"help": "Device for evaluation and the reloaded pipeline."})
+    push_model_repo: str | None = field(default=None, metadata={"help": "Hub model repo to publish the model to."})
+    push_dataset_repo: str | None = field(default=None, metadata={"help": "Hub dataset repo for the dataset."})
+
+    def __post_init__(self) -> None:
+        given = [self.protein_model, self.language_model, self.text_encoder]
+        if any(given) and not all(given):
+            raise ValueError(
+                "protein_model, language_model, text_encoder: give all three real checkpoints, or none for tiny parts"
+            )
+        if not (ROOT / self.recipes / "stage0.yaml").is_file():
+            raise ValueError(f"recipes: {self.recipes} has no stage0.yaml; use a folder of training/recipes/")
 
 
-def main() -> int:
-    (args,) = HfArgumentParser(MainJobArguments).parse_args_into_dataclasses()
-    original = ORIGINAL / args.case
-    print(f"[1/3] converting {original.relative_to(ROOT)} -> {args.output_dir}")
-    convert(original, args.output_dir)
-    model = SepitForConditionalGeneration.from_pretrained(args.output_dir).eval()
+def run(step: str, command: list[str]) -> float:
+    """Run one of the project's commands in the repository root (its output streams through); return seconds."""
+    print(f"\n== {step}\n$ {shlex.join(command)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    return time.perf_counter() - start
 
-    print("[2/3] checking the converted model against the original implementation's outputs")
-    figures = verify_conversion(model, original / "expected_outputs.safetensors")
-    for name, value in figures.items():
-        print(f"      {name}: {value:.3g}")
-    exact = figures["max_abs_logits"] <= 1e-4 and figures["max_abs_loss"] <= 1e-5
-    exact = exact and figures["greedy_token_mismatches"] == 0
-    print(f"      parity: {'OK' if exact else 'FAILED'} (tolerances: logits 1e-4, loss 1e-5, identical greedy tokens)")
 
-    print(f"[3/3] asking about {Path(args.structure).name} chain {args.chain} through pipeline('protein-qa')")
-    qa = pipeline("protein-qa", model=args.output_dir)
-    structure = load_structure(args.structure, chain=args.chain)
-    request = {"question": args.question, "structure": args.structure, "chain": args.chain}
-    answer = qa(request, max_new_tokens=args.max_new_tokens)["answer"]
-    resolved = int(np.isfinite(structure.coords).all(-1).sum())
-    print(f"      protein: {len(structure.sequence)} residues, {resolved} with C-alpha coordinates")
-    print(f"      sequence: {structure.sequence[:60]}...")
-    print(f"      question: {args.question}")
-    print(f"      answer (tiny random checkpoint): {answer!r}")
-    print(f"done: converted model in {args.output_dir}")
-    return 0 if exact else 1
+def training_command(args: MainJobArguments, script: str, recipe: str) -> list[str]:
+    prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    command = [*prefix, f"training/{script}", "--config", str(ROOT / args.recipes / recipe)]
+    return command + (["--max_steps", str(args.max_steps)] if args.max_steps else [])
+
+
+def held_out_requests(dataset_dir: Path) -> list[dict]:
+    """Two held-out test questions (one open-ended, one yes/no) and one about a structure file."""
+    test = load_dataset(str(dataset_dir), "instructions", split="test")
+    open_ended = next(row for row in test if not row["type"].startswith("yes_no:"))
+    closed = next(row for row in test if row["type"].startswith("yes_no:"))
+    requests = [
+        {"question": row["question"], "sequence": row["sequence"], "reference": row["answer"], "about": accession}
+        for row, accession in ((open_ended, open_ended["accession"]), (closed, closed["accession"]))
+    ]
+    requests.append(
+        {
+            "question": "What is the function of this protein? <protein>",
+            "structure": str(HELD_OUT_STRUCTURE),
+            "chain": "A",
+            "reference": "(haemoglobin alpha, 4HHB chain A: not in the training corpus)",
+            "about": HELD_OUT_STRUCTURE.name,
+        }
+    )
+    return requests
+
+
+def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timings: dict[str, float]) -> Path:
+    """The stage-2 model with its processor, remote code, pipeline and a model card holding the measured metrics."""
+    model = SepitForConditionalGeneration.from_pretrained(paths["stage2"])
+    processor = SepitProcessor.from_pretrained(paths["stage2"])
+    counts = json.loads((paths["stage2"] / "parameter_counts.json").read_text())
+    parts = (
+        [args.protein_model, args.language_model]
+        if args.protein_model
+        else ["tiny random ESM-2 / Llama parts (training/build_tiny_parts.py)"]
+    )
+    summary = "\n".join(
+        [
+            f"Parts: {', '.join(parts)}. Recipes: `{args.recipes}` (stage 0 encoder warm-up, stage 1 caption "
+            "instructions with structure dropout 0.15, stage 2 every LLM FFN upcycled into 4 experts, top-1, encoder "
+            f"frozen). Parameters: {counts['total']:,} in total, {counts['activated']:,} activated per token.",
+            "",
+            "| step | seconds |",
+            "|---|---|",
+            *(f"| {step} | {seconds:.0f} |" for step, seconds in timings.items()),
+        ]
+    )
+    counts_table = table_section(paths["dataset"] / "README.md", "## Counts").split("\n\n", 1)[0]
+    summary += f"\n\nData (`{paths['dataset'].name}`, its card is the dataset folder's README.md):\n\n{counts_table}"
+    results = "\n\n".join(
+        [
+            "Greedy answers; BLEU/ROUGE/METEOR/BERTScore on open-ended questions, yes/no accuracy on closed ones; "
+            "the baselines are the same model with the structure withheld and its LLM with no protein.",
+            "### Held-out test split",
+            table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"),
+            "### InstructProtein yes/no test sets (metal-ion binding, GO molecular function)",
+            table_section(paths["evaluation"] / "instructprotein" / "metrics.md", "## Per question type"),
+        ]
+    )
+    if not args.protein_model:
+        results += (
+            "\n\nA tiny model trained from scratch on a few hundred proteins: these figures check the pipeline, "
+            "they say nothing about what SEPIT can do."
+        )
+    card = model_card(
+        args.push_model_repo or "sepit-demo",
+        summary,
+        results,
+        base_models=[args.protein_model, args.language_model] if args.protein_model else None,
+        datasets=[args.push_dataset_repo] if args.push_dataset_repo else None,
+    )
+    return save_hub_folder(model, processor, paths["hub"], card=card)
+
+
+def table_section(path: Path, heading: str) -> str:
+    """The markdown table under `heading` in a metrics report."""
+    text = path.read_text(encoding="utf-8")
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return section.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(MainJobArguments, description=__doc__.splitlines()[0])
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        print(f"main_job: error: {error}", file=sys.stderr)
+        return 2
+    out = (ROOT / args.output_dir).resolve()
+    paths = {name: out / name for name in ("dataset", "parts", "stage0", "stage1", "stage2", "evaluation")}
+    paths |= {"instructprotein": out / "instructprotein", "hub": out / "hub-model"}
+    if args.dataset_dir:
+        paths["dataset"] = Path(args.dataset_dir).resolve()
+    python, timings, started = sys.executable, {}, time.perf_counter()
+
+    if not args.dataset_dir:
+        build = [python, "-m", "dataset_card.build_dataset", "--output_dir", str(paths["dataset"])]
+        timings["dataset"] = run("1/8 the instruction dataset (bundled UniProt + PDB demo corpus)", build)
+    external = [python, "-m", "dataset_card.external_benchmarks", "--output_dir", str(paths["instructprotein"])]
+    external += ["--max_per_benchmark", str(args.external_per_benchmark)]
+    timings["external benchmark"] = run("2/8 InstructProtein yes/no test sets", external)
+    if args.protein_model:
+        parts = {"protein": args.protein_model, "language": args.language_model, "text": args.text_encoder}
+    else:
+        build = [python, "training/build_tiny_parts.py", "--dataset_dir", str(paths["dataset"])]
+        timings["tiny parts"] = run("3/8 tiny parts", [*build, "--output_dir", str(paths["parts"])])
+        parts = {name: str(paths["parts"] / f"{name}_model") for name in ("protein", "language")}
+        parts["text"] = str(paths["parts"] / "text_encoder")
+
+    data = ["--dataset_name", str(paths["dataset"])]
+    stage0 = [*training_command(args, "stage0_encoder_warmup.py", "stage0.yaml"), *data]
+    stage0 += ["--protein_model_name_or_path", parts["protein"], "--text_encoder_name_or_path", parts["text"]]
+    timings["stage 0"] = run("4/8 stage 0: encoder warm-up", [*stage0, "--output_dir", str(paths["stage0"])])
+    stage1 = [*training_command(args, "sft.py", "stage1.yaml"), *data]
+    stage1 += ["--protein_model_name_or_path", parts["protein"], "--language_model_name_or_path", parts["language"]]
+    stage1 += ["--encoder_warmup_dir", str(paths["stage0"]), "--output_dir", str(paths["stage1"])]
+    timings["stage 1"] = run("5/8 stage 1: caption instructions", stage1)
+    stage2 = [*training_command(args, "sft.py", "stage2.yaml"), *data]
+    stage2 += ["--model_name_or_path", str(paths["stage1"]), "--output_dir", str(paths["stage2"])]
+    timings["stage 2"] = run("6/8 stage 2: MoE instruction tuning", stage2)
+
+    evaluate = [python, "training/evaluate.py", "--model_name_or_path", str(paths["stage2"]), *data]
+    evaluate += ["--output_dir", str(paths["evaluation"]), "--external_benchmarks", str(paths["instructprotein"])]
+    evaluate += ["--device", args.device]
+    if args.max_eval_samples:
+        evaluate += ["--max_samples", str(args.max_eval_samples)]
+    if args.bertscore_model:
+        evaluate += ["--bertscore_model", args.bertscore_model]
+    timings["evaluation"] = run("7/8 evaluation with baselines", evaluate)
+
+    print("\n== 8/8 Hub folder, reloaded in a fresh process", flush=True)
+    hub = write_card_and_folder(args, paths, timings)
+    requests = out / "held_out_requests.json"
+    requests.write_text(json.dumps(held_out_requests(paths["dataset"]), indent=2))
+    timings["reload and ask"] = run("reload", [python, str(RELOAD_SCRIPT), str(hub), str(requests), args.device])
+
+    if args.push_dataset_repo:
+        print(f"dataset pushed: {push_dataset(paths['dataset'], args.push_dataset_repo)}")
+    if args.push_model_repo:
+        print(f"model pushed: {push_hub_folder(hub, args.push_model_repo)}")
+
+    print(f"\n== done in {time.perf_counter() - started:.0f} s")
+    for step, seconds in timings.items():
+        print(f"   {step:<20} {seconds:6.0f} s")
+    print(table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"))
+    print(f"Hub-ready dataset folder:  {paths['dataset']} (README.md is its dataset card)")
+    print(f"stage folders:             {paths['stage0']}, {paths['stage1']}, {paths['stage2']}")
+    curves = ", ".join(str(paths[stage] / "loss_curve.png") for stage in ("stage0", "stage1", "stage2"))
+    print(f"loss curves:               {curves}")
+    for benchmark in ("heldout", "instructprotein"):
+        folder = paths["evaluation"] / benchmark
+        print(f"metrics ({benchmark}):{' ' * (16 - len(benchmark))}{folder / 'metrics.md'}, {folder / 'metrics.png'}")
+    print(f"Hub-ready model folder:    {hub} (README.md is its model card)")
+    return 0
 
 
 if __name__ == "__main__":

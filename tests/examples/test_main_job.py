@@ -1,0 +1,58 @@
+"""The main job end to end with every stage cut to two steps: dataset, stages 0 -> 1 -> 2, evaluation with both
+baselines, the Hub-ready folder with its model card, the fresh-process reload answering held-out questions, and the
+push of model and dataset at the network boundary."""
+
+import runpy
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from modeling_sepit.evaluation_sepit import SYSTEMS
+
+ROOT = Path(__file__).resolve().parents[2]
+main_job = runpy.run_path(str(ROOT / "examples" / "main_job.py"))
+
+
+def test_main_job_builds_trains_evaluates_publishes_and_reloads(tmp_path, capfd) -> None:
+    output = tmp_path / "main"
+    argv = [
+        "--output_dir", str(output), "--max_steps", "2", "--external_per_benchmark", "4", "--max_eval_samples", "6",
+        "--push_model_repo", "me/sepit-demo", "--push_dataset_repo", "me/sepit-data",
+    ]  # fmt: skip
+    with (
+        mock.patch("modeling_sepit.hub_sepit.HfApi") as model_api,
+        mock.patch("dataset_card.card.HfApi") as dataset_api,
+    ):
+        model_api.return_value.upload_folder.return_value = "https://huggingface.co/me/sepit-demo/commit/1"
+        dataset_api.return_value.upload_folder.return_value = "https://huggingface.co/datasets/me/sepit-data/commit/2"
+        assert main_job["main"](argv) == 0
+    printed = capfd.readouterr().out
+
+    for stage in ("stage0", "stage1", "stage2"):
+        assert (output / stage / "loss_curve.png").stat().st_size > 1000
+    assert "| metric | " + " | ".join(SYSTEMS) + " |" in printed
+    card = (output / "hub-model" / "README.md").read_text()
+    assert "## Evaluation" in card and "| yes/no accuracy |" in card and "| split | proteins |" in card
+    assert (output / "hub-model" / "model.safetensors").is_file() and (output / "dataset" / "README.md").is_file()
+    # The fresh process loaded the class from the folder's own code and answered all three requests.
+    assert "(transformers_modules." in printed and printed.count("  answer:    ") == 3
+    assert "[4hhb.pdb] What is the function of this protein?" in printed
+    model_upload = model_api.return_value.upload_folder.call_args.kwargs
+    assert model_upload["folder_path"] == str(output / "hub-model") and model_upload["repo_id"] == "me/sepit-demo"
+    dataset_upload = dataset_api.return_value.upload_folder.call_args.kwargs
+    assert dataset_upload["folder_path"] == str(output / "dataset") and dataset_upload["repo_type"] == "dataset"
+    assert "model pushed: https://huggingface.co/me/sepit-demo/commit/1" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--protein_model", "facebook/esm2_t6_8M_UR50D"], "give all three real checkpoints"),
+        (["--recipes", "training"], "has no stage0.yaml"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys) -> None:
+    assert main_job["main"](argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error
