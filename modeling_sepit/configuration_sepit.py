@@ -25,8 +25,11 @@ class SepitConfig(PreTrainedConfig):
         text_config (`PreTrainedConfig` or `dict`): any causal LM (Llama, Qwen2, Mistral, ...), resolved with
             `AutoConfig`.
         protein_token_id (`int`): id of the `<protein>` placeholder in the LLM vocabulary; the processor expands one
-            per protein feature position.
+            per protein feature position (per group of `protein_pooling` positions).
         protein_feature_layer (`int`): which ESM hidden state is projected (-2: one layer below the top).
+        protein_pooling (`int`): k, the feature positions averaged into one LLM token (beyond the paper, which uses 1):
+            each protein's positions are taken k at a time (the last group may be shorter), so n positions cost
+            ceil(n / k) LLM positions instead of n. The processor must expand `<protein>` with the same k.
         projector_hidden_act (`str`): activation between the two projector layers.
         num_gaussian_kernels (`int`): Gaussian basis functions over pairwise C-alpha distances.
         structure_embedding_scale (`float`): scale of the structural term added to the residue embeddings.
@@ -50,6 +53,7 @@ class SepitConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     protein_token_id: int = 32000
     protein_feature_layer: int = -2
+    protein_pooling: int = 1
     projector_hidden_act: str = "gelu"
     num_gaussian_kernels: int = 128
     structure_embedding_scale: float = 0.01
@@ -85,6 +89,13 @@ class SepitConfig(PreTrainedConfig):
         layers = self.protein_config.num_hidden_layers
         if not -(layers + 1) <= self.protein_feature_layer <= layers:
             raise ValueError(f"protein_feature_layer={self.protein_feature_layer} is outside [-{layers + 1}, {layers}]")
+        if self.protein_pooling < 1:
+            raise ValueError(f"protein_pooling must be >= 1 (1: a token per position), got {self.protein_pooling}")
+        if self.original_compat and self.protein_pooling != 1:
+            raise ValueError(
+                f"protein_pooling={self.protein_pooling} needs original_compat=False: the original release splices one "
+                "token per padded position"
+            )
         if self.num_gaussian_kernels < 1:
             raise ValueError(f"num_gaussian_kernels must be >= 1, got {self.num_gaussian_kernels}")
         if self.structure_chunk_size < 1:

@@ -25,7 +25,8 @@ class SepitModelOutputWithPast(ModelOutput):
     """
     last_hidden_state: LLM hidden states, same length as `input_ids`.
     router_logits: per MoE layer, (tokens, num_experts) router logits, when `output_router_logits`.
-    protein_features: projected protein features (feature positions, LLM width) spliced into the sequence.
+    protein_features: projected protein features (protein tokens, LLM width) spliced into the sequence: one per feature
+        position, or per group of `protein_pooling` positions.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -118,10 +119,11 @@ class SepitModel(SepitPreTrainedModel):
         protein_coords: torch.Tensor | None = None,
         protein_coords_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Projected features of every feature position, flattened to (positions, LLM width) in protein order.
+        """Projected features, flattened to (protein tokens, LLM width) in protein order.
 
         Feature positions are the tokens with `protein_attention_mask == 1` (`<cls>`, residues, `<eos>`), or every
-        padded position under `original_compat`.
+        padded position under `original_compat`; with `protein_pooling=k` each protein's positions are averaged k at a
+        time, so a protein with n positions gives ceil(n / k) tokens.
         """
         protein_attention_mask, coords_mask = validate_protein_inputs(
             protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
@@ -154,7 +156,10 @@ class SepitModel(SepitPreTrainedModel):
             inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=[layer], return_dict=True
         )
         selected = encoder_outputs.hidden_states[layer]
-        if not self.config.original_compat:
+        if self.config.protein_pooling > 1:
+            # Pooled at the ESM width, before the projector: cheaper than pooling projected LLM-width features.
+            selected = pool_protein_states(selected, protein_attention_mask, self.config.protein_pooling)
+        elif not self.config.original_compat:
             selected = selected[protein_attention_mask.bool()]
         return self.multi_modal_projector(selected.reshape(-1, selected.shape[-1]))
 
@@ -191,13 +196,18 @@ class SepitModel(SepitPreTrainedModel):
                 protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
             )
             # Checked before the encoder runs: a mismatch fails at once, naming the fields.
-            positions = protein_input_ids.numel() if self.config.original_compat else int(protein_attention_mask.sum())
+            pooling = self.config.protein_pooling
+            if self.config.original_compat:
+                tokens = protein_input_ids.numel()
+            else:
+                tokens = int(pooled_counts(protein_attention_mask.sum(-1), pooling).sum())
             placeholders = int(placeholder.sum())
-            if placeholders != positions:
+            if placeholders != tokens:
                 raise ValueError(
                     f"`input_ids` hold {placeholders} `<protein>` tokens but the {protein_input_ids.shape[0]} proteins "
-                    f"in `protein_input_ids` have {positions} feature positions: build inputs with "
-                    "SepitProcessor, which expands each `<protein>` to its protein's feature positions."
+                    f"in `protein_input_ids` give {tokens} protein tokens at protein_pooling={pooling} (ceil(n / "
+                    f"{pooling}) for a protein of n feature positions): build inputs with a SepitProcessor of the "
+                    "same protein_pooling, which expands each `<protein>` to its protein's tokens."
                 )
             protein_features = self._encode_proteins(
                 protein_input_ids, protein_attention_mask, protein_coords, coords_mask
@@ -240,6 +250,31 @@ class SepitModel(SepitPreTrainedModel):
             router_logits=tuple(router_logits) if output_router_logits else None,
             protein_features=protein_features,
         )
+
+
+def pooled_counts(feature_positions: torch.Tensor, pooling: int) -> torch.Tensor:
+    """Protein tokens per protein, ceil(n / pooling): the processor and the model must agree on this count."""
+    return torch.div(feature_positions + pooling - 1, pooling, rounding_mode="floor")
+
+
+def pool_protein_states(states: torch.Tensor, attention_mask: torch.Tensor, pooling: int) -> torch.Tensor:
+    """Mean of each protein's attended states, `pooling` consecutive ones at a time (the last group may be shorter,
+    no group crosses proteins): (proteins, P, width) -> (sum of ceil(n / pooling), width), in protein order.
+
+    The attended states are first packed to the left of a padded (proteins, groups * pooling) grid, so any mask
+    layout works, and then summed group-wise by a reshape: deterministic, unlike atomic scatter-adds on GPU.
+    """
+    num_proteins, length, width = states.shape
+    mask = attention_mask.bool()
+    rank = mask.cumsum(-1) - 1  # each attended position's place among its protein's attended positions
+    groups = -(-length // pooling)
+    packed = states.new_zeros(num_proteins, groups * pooling, width)
+    packed = packed.index_put((mask.nonzero(as_tuple=True)[0], rank[mask]), states[mask])
+    sums = packed.view(num_proteins, groups, pooling, width).sum(2)
+    starts = torch.arange(groups, device=states.device) * pooling
+    sizes = (mask.sum(-1, keepdim=True) - starts).clamp(0, pooling)  # (proteins, groups): 0 past the last group
+    present = sizes > 0
+    return sums[present] / sizes[present].unsqueeze(-1).to(sums.dtype)
 
 
 def validate_protein_inputs(
@@ -425,8 +460,8 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
 
         Without `protein_token_id`, one embedding row is appended to the LLM vocabulary for `<protein>`; pass
         `SepitProcessor.protein_token_id` to match a processor (embeddings grow to hold it if needed). Keyword
-        arguments go to `SepitConfig` when they name one of its fields, else to both `from_pretrained` calls
-        (`dtype`, `revision`, `token`, ...).
+        arguments go to `SepitConfig` when they name one of its fields (`protein_pooling`, ...), else to both
+        `from_pretrained` calls (`dtype`, `revision`, `token`, ...).
         """
         from transformers import AutoModelForCausalLM
 

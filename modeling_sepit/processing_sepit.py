@@ -125,7 +125,8 @@ def to_protein_input(protein: object, where: str = "protein") -> ProteinInput:
 class SepitProcessor(ProcessorMixin):
     r"""
     Builds SEPIT inputs. Each `<protein>` in the text is expanded into one placeholder per feature position of its
-    protein (`<cls>`, residues, `<eos>`), so `input_ids` have their final length.
+    protein (`<cls>`, residues, `<eos>`), or per group of `protein_pooling` positions, so `input_ids` have their final
+    length.
 
     Args:
         tokenizer: the LLM tokenizer (gets the `<protein>` token if it lacks it).
@@ -136,6 +137,7 @@ class SepitProcessor(ProcessorMixin):
             expect (all proteins of a batch are padded to a common width).
         protein_padding_length: pad every protein to this many positions (the original release padded to 1024);
             `None` pads to the longest protein of the batch.
+        protein_pooling: k, as in the model's config: a protein of n feature positions gets ceil(n / k) placeholders.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class SepitProcessor(ProcessorMixin):
         max_protein_length: int = 1022,
         original_compat: bool = False,
         protein_padding_length: int | None = None,
+        protein_pooling: int = 1,
         **kwargs,
     ):
         self.protein_token = "<protein>"
@@ -157,6 +160,14 @@ class SepitProcessor(ProcessorMixin):
         self.max_protein_length = max_protein_length
         self.original_compat = original_compat
         self.protein_padding_length = protein_padding_length
+        self.protein_pooling = protein_pooling
+        if protein_pooling < 1:
+            raise ValueError(f"protein_pooling must be >= 1 (1: one placeholder per position), got {protein_pooling}")
+        if original_compat and protein_pooling != 1:
+            raise ValueError(
+                f"protein_pooling={protein_pooling} needs original_compat=False: converted original checkpoints take "
+                "one placeholder per padded position"
+            )
         if protein_padding_length is not None and protein_padding_length < max_protein_length + 2:
             raise ValueError(
                 f"protein_padding_length={protein_padding_length} must hold max_protein_length + 2 = "
@@ -266,7 +277,8 @@ class SepitProcessor(ProcessorMixin):
         if flat and self.original_compat:
             widths = [protein_tensors["protein_input_ids"].shape[1]] * len(flat)
         elif flat:
-            widths = protein_tensors["protein_attention_mask"].sum(-1).tolist()
+            positions = protein_tensors["protein_attention_mask"].sum(-1)
+            widths = (-(-positions // self.protein_pooling)).tolist()  # ceil(n / k), as the model pools
 
         encoded = self.tokenizer(
             texts, add_special_tokens=True, return_offsets_mapping=assistant_spans is not None, **kwargs

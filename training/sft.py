@@ -18,7 +18,7 @@ from datasets import load_dataset
 from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
-from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit import SepitConfig, SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
     SepitSFTTrainer,
@@ -52,6 +52,14 @@ class SepitSFTArguments:
     num_experts: int | None = field(default=None, metadata={"help": "Upcycle each LLM FFN into this many experts."})
     num_experts_per_tok: int = field(default=1, metadata={"help": "Experts per token (top-k)."})
     max_protein_length: int = field(default=1022, metadata={"help": "Residues kept per protein (ESM-2: 1022)."})
+    protein_pooling: int | None = field(
+        default=None,
+        metadata={
+            "help": "Protein feature positions averaged into one LLM token (beyond the paper; 1: none). Default: the "
+            "continued model's value, 1 for a new model. A continued model must keep its saved value: its LLM was "
+            "trained on that granularity, so any other value is an error."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     dtype: str = field(
         default="float32",
@@ -66,6 +74,8 @@ class SepitSFTArguments:
                 "model_name_or_path: give the previous stage's folder, or both protein_model_name_or_path and "
                 "language_model_name_or_path to start a new model"
             )
+        if self.protein_pooling is not None and self.protein_pooling < 1:
+            raise ValueError(f"protein_pooling must be >= 1, got {self.protein_pooling}")
 
 
 def load_model_and_processor(
@@ -73,6 +83,12 @@ def load_model_and_processor(
 ) -> tuple[SepitForConditionalGeneration, SepitProcessor]:
     """The previous stage's folder, or a new model from its parts (+ a stage-0 encoder), upcycled when asked."""
     if args.model_name_or_path:
+        saved = SepitConfig.from_pretrained(args.model_name_or_path).protein_pooling
+        if args.protein_pooling not in (None, saved):
+            raise ValueError(
+                f"protein_pooling={args.protein_pooling} but {args.model_name_or_path} was trained with "
+                f"protein_pooling={saved}: its LLM learned that granularity; leave protein_pooling unset (or {saved})"
+            )
         processor = SepitProcessor.from_pretrained(args.model_name_or_path)
         model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
     else:
@@ -83,9 +99,12 @@ def load_model_and_processor(
             args.protein_model_name_or_path,
             args.language_model_name_or_path,
             protein_token_id=processor.protein_token_id,
+            protein_pooling=1 if args.protein_pooling is None else args.protein_pooling,
             dtype=args.dtype,
         )
     processor.max_protein_length = args.max_protein_length
+    # The model's config is the reference: a processor folder that disagreed would fail at the first batch.
+    processor.protein_pooling = model.config.protein_pooling
     if args.encoder_warmup_dir:
         load_pretrained_encoder(model, args.encoder_warmup_dir)
     if args.num_experts:
