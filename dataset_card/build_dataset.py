@@ -240,8 +240,8 @@ def _write_rows(
             for config, row, instruction in _rows(entry, structure, pools, rng):
                 writers[config, split].write(row)
                 statistics.add_row(config, split, instruction.type, instruction.answer)
-    for writer in writers.values():
-        writer.finalize()
+    for (config, split), writer in writers.items():
+        statistics.split_sizes[config][split] = writer.finalize()  # (examples, Arrow bytes) for the card's info
         writer.close()
 
 

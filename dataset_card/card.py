@@ -9,7 +9,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Features
+from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
 from dataset_card.homology import CrossIdentity
@@ -33,6 +34,7 @@ class DatasetStatistics:
     rows: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     lengths: list[int] = field(default_factory=lambda: [0] * (len(LENGTH_EDGES) + 1))
     yes_no_answers: Counter = field(default_factory=Counter)
+    split_sizes: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: defaultdict(dict))
 
     def add_protein(self, split: str, length: int, has_structure: bool) -> None:
         self.proteins[split] += 1
@@ -125,6 +127,26 @@ def write_card(folder: Path, statistics: DatasetStatistics, features: dict[str, 
         tags=["biology", "protein", "uniprot", "instruction-tuning"],
         configs=configs,
     )
+    # Split sizes in the YAML are what `load_dataset` checks the files against, and they enter its cache key: without
+    # them, two folders of the same name with these `configs` share one cache entry and the second loads the first's
+    # rows (datasets 5.2 hashes the config patterns, not the files they match).
+    DatasetInfosDict(
+        {
+            name: DatasetInfo(
+                features=config_features,
+                splits=SplitDict(
+                    {
+                        split: SplitInfo(split, num_bytes=size[1], num_examples=size[0])
+                        for split, size in statistics.split_sizes[name].items()
+                    }
+                ),
+                dataset_size=sum(size[1] for size in statistics.split_sizes[name].values()),
+                config_name=name,
+            )
+            for name, config_features in features.items()
+            if statistics.split_sizes.get(name)
+        }
+    ).to_dataset_card_data(card_data)
     clusters = (
         f"MMseqs2 clusters read from `{Path(statistics.clusters_from).name}`"
         if statistics.clusters_from

@@ -203,3 +203,18 @@ def test_seeded_templates_differ_between_seeds(built, tmp_path) -> None:
         for seed, folder in ((0, built.output_dir), (1, other.output_dir))
     }
     assert questions[0] != questions[1]
+
+
+def test_folders_of_the_same_name_load_their_own_rows(built, tmp_path) -> None:
+    # datasets hashes a folder's YAML `configs` patterns, not the files they match: the card's split sizes keep two
+    # builds named "dataset" apart in one cache (before, the second folder loaded the first one's rows).
+    other = tmp_path / "elsewhere" / "dataset"
+    build_dataset(BuildArguments(output_dir=str(other), uniprot=INPUTS[1:], seed=0))
+    cache = tmp_path / "cache"
+    first = load_dataset(str(built.output_dir), "instructions", split="train", cache_dir=str(cache))
+    second = load_dataset(str(other), "instructions", split="train", cache_dir=str(cache))
+    assert len(first) == built.statistics.rows_in("instructions", "train")
+    assert 0 < len(second) < len(first) and set(second["accession"]) <= {"P05067", "P00698"}
+    card = DatasetCard.load(other / "README.md").data.to_dict()
+    info = {entry["config_name"]: entry for entry in card["dataset_info"]}
+    assert {split["name"]: split["num_examples"] for split in info["instructions"]["splits"]}["train"] == len(second)
