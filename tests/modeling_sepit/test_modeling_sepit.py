@@ -1,5 +1,6 @@
 """SEPIT model: encoder equivalences, splicing, batching, generation, MoE upcycling, saving and remote code."""
 
+import math
 import re
 import textwrap
 
@@ -193,10 +194,10 @@ def test_from_pretrained_parts_loads_both_checkpoints(tmp_path):
     llm = LlamaForCausalLM(LlamaConfig(**config.text_config.to_dict()))
     llm.save_pretrained(tmp_path / "llm")
     model = SepitForConditionalGeneration.from_pretrained_parts(
-        str(tmp_path / "esm"), str(tmp_path / "llm"), num_gaussian_kernels=8
+        str(tmp_path / "esm"), str(tmp_path / "llm"), num_gaussian_kernels=8, protein_pooling=2
     )
     assert model.config.protein_token_id == 100 and model.config.text_config.vocab_size == 101
-    assert model.config.num_gaussian_kernels == 8
+    assert model.config.num_gaussian_kernels == 8 and model.config.protein_pooling == 2
     assert torch.equal(
         model.model.protein_model.encoder.layer[0].attention.self.query.weight,
         esm.encoder.layer[0].attention.self.query.weight,
@@ -204,7 +205,8 @@ def test_from_pretrained_parts_loads_both_checkpoints(tmp_path):
     assert torch.equal(model.lm_head.weight[:100], llm.lm_head.weight)
     assert not any(p.is_meta for p in model.parameters())
     model.save_pretrained(tmp_path / "sepit")
-    assert SepitForConditionalGeneration.from_pretrained(tmp_path / "sepit").config.protein_token_id == 100
+    reloaded = SepitForConditionalGeneration.from_pretrained(tmp_path / "sepit").config
+    assert reloaded.protein_token_id == 100 and reloaded.protein_pooling == 2
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
@@ -234,6 +236,8 @@ def test_config_moe_fields_live_on_the_text_config():
         ({"protein_feature_layer": 7}, "protein_feature_layer"),
         ({"num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
         ({"num_gaussian_kernels": 0}, "num_gaussian_kernels"),
+        ({"protein_pooling": 0}, "protein_pooling"),
+        ({"protein_pooling": 2, "original_compat": True}, "protein_pooling"),
     ],
 )
 def test_config_rejects_bad_values(overrides, field):
@@ -335,3 +339,102 @@ def test_trl_fused_lm_head_sees_the_spliced_sequence_and_the_router_loss(real_pr
     fused = model(input_ids=ids, attention_mask=mask, labels=labels, **batch, fused_lm_head=True)
     torch.testing.assert_close(fused.aux_loss, ours.aux_loss)
     torch.testing.assert_close(fused.loss, ours.loss, atol=1e-5, rtol=1e-5)
+
+
+def with_pooling(model: SepitForConditionalGeneration, pooling: int) -> SepitForConditionalGeneration:
+    """The fixture model's weights under another `protein_pooling` (pooling has no parameters of its own)."""
+    config = SepitConfig.from_dict(model.config.to_dict() | {"protein_pooling": pooling})
+    pooled = SepitForConditionalGeneration(config).eval()
+    pooled.load_state_dict(model.state_dict())
+    return pooled
+
+
+def pooled_counts(counts: list[int], pooling: int) -> list[int]:
+    return [math.ceil(count / pooling) for count in counts]
+
+
+def group_means(states: torch.Tensor, counts: list[int], pooling: int) -> torch.Tensor:
+    """Reference pooling: per protein, the mean of each run of `pooling` rows; the last run may be shorter."""
+    means, start = [], 0
+    for count in counts:
+        end = start + count
+        means += [states[first : min(first + pooling, end)].mean(0) for first in range(start, end, pooling)]
+        start = end
+    return torch.stack(means)
+
+
+@pytest.mark.parametrize("with_coords", [True, False])
+@pytest.mark.parametrize("pooling", [1, 2, 3])
+def test_spliced_features_are_projected_group_means(model, real_proteins, protein_tokenizer, pooling, with_coords):
+    batch = protein_batch(real_proteins, protein_tokenizer, with_coords=with_coords)
+    counts = feature_counts(batch)  # 131, 53, 28: every k in (2, 3) leaves a shorter last group somewhere
+    projector_inputs = []
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(
+        lambda _m, args: projector_inputs.append(args[0])
+    )
+    try:
+        with torch.no_grad():
+            model.model.get_protein_features(**batch)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(group_means(projector_inputs[0], counts, pooling))
+
+    pooled = model if pooling == 1 else with_pooling(model, pooling)
+    ids, mask = pad(prompt_ids(pooled_counts(counts, pooling)), "right")
+    llm_inputs = []
+    hook = pooled.model.language_model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: llm_inputs.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            out = pooled(input_ids=ids, attention_mask=mask, **batch)
+    finally:
+        hook.remove()
+    spliced = llm_inputs[0][ids == PROTEIN_TOKEN_ID]
+    if pooling == 1:
+        assert torch.equal(spliced, expected) and torch.equal(out.protein_features, expected)
+    else:
+        torch.testing.assert_close(spliced, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.protein_features, expected, atol=1e-6, rtol=1e-5)
+    assert llm_inputs[0].shape[1] == ids.shape[1] and out.logits.shape[1] == ids.shape[1]
+
+
+def test_pooled_model_trains_through_the_encoder(model, real_proteins, protein_tokenizer):
+    pooled = with_pooling(model, 3).train()
+    batch = protein_batch(real_proteins, protein_tokenizer)
+    ids, mask = pad(prompt_ids(pooled_counts(feature_counts(batch), 3)), "right")
+    labels = ids.masked_fill((mask == 0) | (ids == PROTEIN_TOKEN_ID), -100)
+    pooled(input_ids=ids, attention_mask=mask, labels=labels, **batch).loss.backward()
+    for module in (pooled.model.protein_model.encoder.layer[0], pooled.model.structure_module):
+        assert all(p.grad is not None for p in module.parameters())
+    assert pooled.model.protein_model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_pooled_greedy_generation_batched_equals_one_by_one(model, real_proteins, protein_tokenizer):
+    pooled = with_pooling(model, 2)
+    # Left padding, KV cache, a prompt with two proteins; 131 and 53 positions end in a 1-position group.
+    groups = [[real_proteins[0]], [real_proteins[1], real_proteins[2]]]
+    rows = []
+    for group, (start, end) in zip(groups, [(5, 6), (7, 8)], strict=True):
+        tokens = pooled_counts(feature_counts(protein_batch(group, protein_tokenizer)), 2)
+        row = [1, start]
+        for count in tokens:
+            row += [PROTEIN_TOKEN_ID] * count + [end]
+        rows.append(row)
+    ids, mask = pad(rows, "left")
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None)
+    batch = protein_batch([protein for group in groups for protein in group], protein_tokenizer)
+    with torch.no_grad():
+        together = pooled.generate(input_ids=ids, attention_mask=mask, **batch, **settings)[:, ids.shape[1] :]
+        for i, (row, group) in enumerate(zip(rows, groups, strict=True)):
+            single = protein_batch(group, protein_tokenizer)
+            alone = pooled.generate(input_ids=torch.tensor([row]), **single, **settings)[:, len(row) :]
+            assert torch.equal(together[i], alone[0]), i
+
+
+def test_unpooled_inputs_to_a_pooled_model_raise_naming_the_fields(model, real_proteins, protein_tokenizer):
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
+    with pytest.raises(ValueError, match=r"`<protein>` tokens .* protein_pooling=2"):
+        with_pooling(model, 2)(input_ids=ids, attention_mask=mask, **batch)

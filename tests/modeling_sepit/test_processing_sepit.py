@@ -1,15 +1,16 @@
 """SepitProcessor and SepitDataCollator on real proteins: expansion, padding, labels, truncation, saving, errors."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
 
-from modeling_sepit import SepitDataCollator, SepitProcessor
+from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.convert_original_sepit import convert
-from tests.conftest import ORIGINAL, STRUCTURES
+from tests.conftest import ORIGINAL, STRUCTURES, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,76 @@ def test_collator_drops_structure_at_the_given_rate(processor, real_proteins):
 def test_bad_input_raises_value_error_naming_the_problem(processor, text, proteins, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         processor(text=text, proteins=proteins)
+
+
+def pooling_processor(processor: SepitProcessor, pooling: int) -> SepitProcessor:
+    return SepitProcessor(
+        tokenizer=processor.tokenizer, protein_tokenizer=processor.protein_tokenizer, protein_pooling=pooling
+    )
+
+
+POOLING_TEXTS = ["What is <protein> ?", "Compare <protein> with <protein> ."]
+
+
+def pooled_lengths(processor: SepitProcessor, proteins: list[list[str]], pooling: int) -> list[int]:
+    """Expected row lengths, counted independently: text tokens (`<protein>` is one token) + ceil(n / k) per protein
+    of n feature positions (residues, `<cls>`, `<eos>`)."""
+    rows = processor.tokenizer(POOLING_TEXTS)["input_ids"]
+    return [
+        len(ids) - len(group) + sum(math.ceil((len(sequence) + 2) / pooling) for sequence in group)
+        for ids, group in zip(rows, proteins, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("pooling", [2, 3])
+def test_pooling_expands_each_tag_to_ceil_n_over_k(processor, real_proteins, pooling):
+    (lysozyme, ca), (headpiece, _) = real_proteins[0], real_proteins[1]
+    proteins = [[{"sequence": lysozyme, "coords": ca.numpy()}], [headpiece, lysozyme]]
+    pooled = pooling_processor(processor, pooling)(text=POOLING_TEXTS, proteins=proteins, padding_side="right")
+    tokens = [math.ceil((len(lysozyme) + 2) / pooling), math.ceil((len(headpiece) + 2) / pooling)]
+    placeholders = (pooled["input_ids"] == processor.protein_token_id).sum(-1).tolist()
+    assert placeholders == [tokens[0], tokens[1] + tokens[0]]
+    lengths = pooled_lengths(processor, [[lysozyme], [headpiece, lysozyme]], pooling)
+    assert pooled["attention_mask"].sum(-1).tolist() == lengths
+    full = processor(text=POOLING_TEXTS, proteins=proteins, padding_side="right")
+    for name in ("protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coords_mask"):
+        assert torch.equal(pooled[name], full[name])  # the model pools: the protein tensors are unchanged
+
+
+def test_a_pooled_model_takes_pooled_inputs_and_rejects_mismatched_ones(processor, real_proteins):
+    text_config = tiny_config().text_config.to_dict() | {"vocab_size": len(processor.tokenizer), "pad_token_id": 2}
+
+    def model_with(pooling: int) -> SepitForConditionalGeneration:
+        config = tiny_config(
+            text_config=text_config, protein_token_id=processor.protein_token_id, protein_pooling=pooling
+        )
+        return SepitForConditionalGeneration(config).eval()
+
+    sequences = [[real_proteins[0][0]], [real_proteins[1][0], real_proteins[2][0]]]
+    pooled = pooling_processor(processor, 2)(text=POOLING_TEXTS, proteins=sequences)
+    full = processor(text=POOLING_TEXTS, proteins=sequences)
+    model = model_with(2)
+    with torch.no_grad():
+        logits = model(**pooled).logits
+    lengths = pooled_lengths(processor, sequences, 2)
+    assert logits.shape[1] == max(lengths) and pooled["attention_mask"].sum(-1).tolist() == lengths
+    assert max(lengths) < full["input_ids"].shape[1]
+    mismatch = r"`input_ids` hold \d+ `<protein>` tokens .* protein_pooling={}"
+    with pytest.raises(ValueError, match=mismatch.format(2)):
+        model(**full)
+    with pytest.raises(ValueError, match=mismatch.format(1)):
+        model_with(1)(**pooled)
+
+
+def test_protein_pooling_survives_save_and_load(processor, tmp_path):
+    pooling_processor(processor, 3).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["protein_pooling"] == 3
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, SepitProcessor) and loaded.protein_pooling == 3
+    assert (loaded(text="<protein>", proteins="MKTAYIAK")["input_ids"] == loaded.protein_token_id).sum() == 4
+
+
+@pytest.mark.parametrize("overrides", [{"protein_pooling": 0}, {"protein_pooling": 2, "original_compat": True}])
+def test_bad_protein_pooling_is_rejected(processor, overrides):
+    with pytest.raises(ValueError, match="protein_pooling"):
+        SepitProcessor(tokenizer=processor.tokenizer, protein_tokenizer=processor.protein_tokenizer, **overrides)
