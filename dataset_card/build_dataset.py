@@ -116,8 +116,9 @@ class BuildArguments:
     def __post_init__(self) -> None:
         if not 0.0 < self.identity_threshold <= 1.0:
             raise ValueError(f"identity_threshold must be in (0, 1], got {self.identity_threshold}")
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split_fractions must be three numbers summing to 1, got {self.split_fractions}")
+        fractions = self.split_fractions
+        if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or not all(0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"split_fractions must be three numbers in [0, 1] summing to 1, got {fractions}")
         if self.structures and self.structures.lower() == "none":
             self.structures = None
         for path in self.uniprot:
@@ -125,6 +126,10 @@ class BuildArguments:
                 raise ValueError(f"uniprot: {path} does not exist; give UniProtKB files or folders")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_entries is not None and self.max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1 (or unset for all), got {self.max_entries}")
+        if self.clusters_tsv and not Path(self.clusters_tsv).is_file():
+            raise ValueError(f"clusters_tsv: {self.clusters_tsv} is not a file; give an MMseqs2 cluster TSV")
 
 
 @dataclass
@@ -269,6 +274,7 @@ def build_dataset(args: BuildArguments) -> BuildResult:
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(BuildArguments, description=__doc__.splitlines()[0])
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         result = build_dataset(args)

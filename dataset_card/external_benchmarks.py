@@ -56,6 +56,8 @@ class ExternalBenchmarkArguments:
     def __post_init__(self) -> None:
         if self.max_per_benchmark is not None and self.max_per_benchmark < 2:
             raise ValueError(f"max_per_benchmark must be at least 2 (one Yes, one No), got {self.max_per_benchmark}")
+        if not Path(self.uniprot_dir).is_dir():
+            raise ValueError(f"uniprot_dir: {self.uniprot_dir} is not a folder; give the UniProt files naming GO terms")
 
 
 def go_term_names(uniprot_dir: str | Path) -> dict[str, str]:
@@ -144,6 +146,7 @@ def build_external_benchmarks(args: ExternalBenchmarkArguments) -> dict[str, int
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(ExternalBenchmarkArguments, description=__doc__.splitlines()[0])
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         counts = build_external_benchmarks(args)

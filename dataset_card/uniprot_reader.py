@@ -12,6 +12,7 @@ import io
 import json
 import multiprocessing
 import re
+import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -572,6 +573,8 @@ def iter_entries(path: str | Path, report: ReadReport | None = None, workers: in
     started with "spawn", so a calling script needs the usual `if __name__ == "__main__":` guard.
     """
     report = report if report is not None else ReadReport()
+    if not Path(path).exists():
+        raise ValueError(f"uniprot: {path} does not exist; give UniProtKB files or folders")
     # spawn, not fork: safe in callers that run threads (progress bars, tokenizers), same on every OS
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     try:
@@ -581,14 +584,20 @@ def iter_entries(path: str | Path, report: ReadReport | None = None, workers: in
             except (OSError, UnicodeDecodeError) as error:
                 report.skip(str(file), "whole file", f"{type(error).__name__}: {error}")
                 continue
-            if kind == "flat":
-                yield from _read_flat(file, report, pool, _IN_FLIGHT_PER_WORKER * workers)
-            elif kind == "xml":
-                yield from _read_xml(file, report)
-            elif kind == "json":
-                yield from _read_json(file, report)
-            else:
-                report.skip(str(file), "whole file", "unknown format: not UniProt flat, XML or JSON")
+            try:
+                if kind == "flat":
+                    yield from _read_flat(file, report, pool, _IN_FLIGHT_PER_WORKER * workers)
+                elif kind == "xml":
+                    yield from _read_xml(file, report)
+                elif kind == "json":
+                    yield from _read_json(file, report)
+                else:
+                    report.skip(str(file), "whole file", "unknown format: not UniProt flat, XML or JSON")
+            except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+                # binary content or a corrupt gzip stream: what was read stays, the rest of this file is reported
+                report.skip(
+                    str(file), "rest of file", f"{type(error).__name__}: {error} (not UTF-8 text or corrupt gzip)"
+                )
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -51,6 +51,7 @@ class MainJobArguments:
         default="", metadata={"help": "Prefix for the training commands, e.g. 'accelerate launch --config_file ...'."}
     )
     external_per_benchmark: int = field(default=40, metadata={"help": "InstructProtein questions per benchmark."})
+    protein_pooling: int = field(default=1, metadata={"help": "Feature positions per LLM token (1: the paper)."})
     max_steps: int | None = field(default=None, metadata={"help": "Cap every stage's steps (quick check)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     bertscore_model: str | None = field(default=None, metadata={"help": "BERTScore model (default: bundled)."})
@@ -66,6 +67,12 @@ class MainJobArguments:
             )
         if not (ROOT / self.recipes / "stage0.yaml").is_file():
             raise ValueError(f"recipes: {self.recipes} has no stage0.yaml; use a folder of training/recipes/")
+        if self.dataset_dir and not Path(self.dataset_dir).is_dir():
+            raise ValueError(f"dataset_dir: {self.dataset_dir} is not a folder; give one built by dataset_card")
+        # 0 would read as "no cap" below and run every stage in full
+        for name, least in (("max_steps", 1), ("max_eval_samples", 1), ("external_per_benchmark", 2)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
 
 def run(step: str, command: list[str]) -> float:
@@ -161,6 +168,7 @@ def table_section(path: Path, heading: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(MainJobArguments, description=__doc__.splitlines()[0])
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     stage1 = [*training_command(args, "sft.py", "stage1.yaml"), *data]
     stage1 += ["--protein_model_name_or_path", parts["protein"], "--language_model_name_or_path", parts["language"]]
     stage1 += ["--encoder_warmup_dir", str(paths["stage0"]), "--output_dir", str(paths["stage1"])]
+    stage1 += ["--protein_pooling", str(args.protein_pooling)]
     timings["stage 1"] = run("5/8 stage 1: caption instructions", stage1)
     stage2 = [*training_command(args, "sft.py", "stage2.yaml"), *data]
     stage2 += ["--model_name_or_path", str(paths["stage1"]), "--output_dir", str(paths["stage2"])]

@@ -1,7 +1,8 @@
 """SEPIT configuration: an ESM-2 protein encoder, its structure module, a projector and a causal LM."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig
+from transformers import CONFIG_MAPPING, AutoConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 # Mixture-of-experts fields live on the text config, where TRL and `load_balancing_loss_func` read them.
@@ -67,6 +68,13 @@ class SepitConfig(PreTrainedConfig):
     output_router_logits: bool | None = None
 
     def __post_init__(self, **kwargs):
+        # Checked before AutoConfig resolves them, whose error would list every model type but not name the field.
+        for name, spec in self.sub_configs_defaults.items():
+            sub = getattr(self, name)
+            model_type = sub.get("model_type", spec.model_type) if isinstance(sub, dict) else None
+            if model_type is not None and model_type not in CONFIG_MAPPING:
+                valid = "'esm' (an ESM-2 config)" if name == "protein_config" else "a causal LM's, e.g. 'llama'"
+                raise ValueError(f"{name}.model_type={model_type!r} is not a transformers model type; use {valid}")
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
@@ -96,6 +104,8 @@ class SepitConfig(PreTrainedConfig):
                 f"protein_pooling={self.protein_pooling} needs original_compat=False: the original release splices one "
                 "token per padded position"
             )
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(f"projector_hidden_act={self.projector_hidden_act!r} is unknown; use e.g. 'gelu', 'relu'")
         if self.num_gaussian_kernels < 1:
             raise ValueError(f"num_gaussian_kernels must be >= 1, got {self.num_gaussian_kernels}")
         if self.structure_chunk_size < 1:

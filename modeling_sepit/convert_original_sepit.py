@@ -63,6 +63,12 @@ class ConversionArguments:
         },
     )
 
+    def __post_init__(self) -> None:
+        if self.expected_outputs and not Path(self.expected_outputs).is_file():
+            raise ValueError(
+                f"expected_outputs: {self.expected_outputs} is not a file; give expected_outputs.safetensors"
+            )
+
 
 def read_original_config(input_dir: Path) -> dict:
     config_path = input_dir / "config.json"
@@ -72,6 +78,8 @@ def read_original_config(input_dir: Path) -> dict:
         original = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"input_dir: {config_path} is not valid JSON ({error})") from error
+    if not isinstance(original, dict):
+        raise ValueError(f"input_dir: {config_path} holds a JSON {type(original).__name__}; expected an object")
     if original.get("model_type") != "pit":
         raise ValueError(
             f"input_dir: {config_path} has model_type {original.get('model_type')!r}; the original release uses 'pit'"
@@ -162,6 +170,8 @@ def read_experts(input_dir: Path, config: SepitConfig) -> dict[str, torch.Tensor
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:
                 raise ValueError(f"{path}: not a readable weights-only expert pickle ({error})") from error
+            if not isinstance(tensors, dict):
+                raise ValueError(f"{path.name}: holds a {type(tensors).__name__}, not a dict of expert tensors")
             for key, tensor in tensors.items():
                 match = EXPERT_KEY.fullmatch(key)
                 if match is None or (int(match[1]), int(match[2])) != (layer, expert):
@@ -176,6 +186,11 @@ def convert(
     """Convert model and tokenizers (as a `SepitProcessor` in compat mode) and write `output_dir` atomically: a crash
     leaves any previous folder intact."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if protein_padding_length < 3:
+        raise ValueError(
+            f"protein_padding_length={protein_padding_length} must be at least 3 (<cls>, one residue, <eos>); the "
+            "release used 1024"
+        )
     original = read_original_config(input_dir)
     state_dict = read_original_weights(input_dir)
     means = state_dict.get("model.structure_module.gaussian_kernels.means")
@@ -193,6 +208,14 @@ def convert(
     unexpected = sorted(set(state_dict) - expected)
     if missing or unexpected:
         raise ValueError(f"weights do not fit the SEPIT model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    shapes = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} (config: {tuple(shapes[k].shape)})"
+        for k, v in state_dict.items()
+        if v.shape != shapes[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"weights do not fit the shapes config.json gives: {wrong[:4]}")
     model.load_state_dict(state_dict, strict=True)
     model.eval()
 
@@ -248,7 +271,12 @@ def expand_protein_tokens(
 def verify_conversion(model: SepitForConditionalGeneration, expected_outputs: str | os.PathLike) -> dict[str, float]:
     """Run the converted model on the batches of an `expected_outputs.safetensors` file and measure the largest
     deviations from the original's outputs: protein features, logits (attended positions), loss, greedy tokens."""
-    expected = load_file(expected_outputs)
+    try:
+        expected = load_file(expected_outputs)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"expected_outputs: {expected_outputs} is not a readable safetensors file ({error})"
+        ) from error
     batches: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in expected.items():
         batch, name = key.split(".", 1)
@@ -296,8 +324,9 @@ def verify_conversion(model: SepitForConditionalGeneration, expected_outputs: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(ConversionArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
         model = convert(args.input_dir, args.output_dir, args.protein_padding_length)
         print(f"converted {args.input_dir} -> {args.output_dir}")
         if args.expected_outputs:

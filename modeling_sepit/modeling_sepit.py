@@ -1,8 +1,11 @@
 """SEPIT: a structure-aware ESM-2 encoder whose per-residue features are spliced into a causal LM."""
 
+import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, EsmModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -18,6 +21,12 @@ from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, build_moe_layers
 from .modeling_structure import SepitGaussianKernels, SepitStructureModule
 
 PROTEIN_INPUT_NAMES = ("protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coords_mask")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass
@@ -81,6 +90,16 @@ class SepitPreTrainedModel(PreTrainedModel):
             # As in the release: means and widths uniform in [0, 3).
             init.uniform_(module.means, 0.0, 3.0)
             init.uniform_(module.stds, 0.0, 3.0)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' `from_pretrained`, but a local folder is checked first: a missing config.json (from which
+        transformers would silently build a default config) or missing / unreadable weights raise a ValueError naming
+        the file."""
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if folder.is_dir() and kwargs.get("state_dict") is None and not kwargs.get("gguf_file"):
+            check_checkpoint_folder(folder, needs_config=kwargs.get("config") is None)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, *args, save_original_format: bool = False, **kwargs) -> None:
         """Weights are saved under the module names, not reverted to ESM's legacy `LayerNorm.gamma/beta` layout:
@@ -215,9 +234,9 @@ class SepitModel(SepitPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.dtype)
             )
-        elif placeholder is not None and bool(placeholder.any()):
-            decoding = cache is not None and cache.get_seq_length() > 0
-            if not decoding:
+        elif placeholder is not None and not (cache is not None and cache.get_seq_length() > 0):
+            # Prompts only: a decoding step (the cache holds the proteins) skips this host sync.
+            if bool(placeholder.any()):
                 raise ValueError(
                     "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
                     "(SepitProcessor returns them) or remove the `<protein>` tags."
@@ -225,10 +244,11 @@ class SepitModel(SepitPreTrainedModel):
 
         router_logits: list[torch.Tensor] = []
         # The routers sit inside the LLM backbone, whose own output capturing does not know them: record them here.
+        routers = self.language_model.modules() if output_router_logits else ()  # no module walk per decoding step
         hooks = [
             router.register_forward_hook(lambda _module, _args, output: router_logits.append(output[0]))
-            for router in self.language_model.modules()
-            if output_router_logits and isinstance(router, SepitTopKRouter)
+            for router in routers
+            if isinstance(router, SepitTopKRouter)
         ]
         try:
             outputs = self.language_model(
@@ -250,6 +270,23 @@ class SepitModel(SepitPreTrainedModel):
             router_logits=tuple(router_logits) if output_router_logits else None,
             protein_features=protein_features,
         )
+
+
+def check_checkpoint_folder(folder: Path, needs_config: bool = True) -> None:
+    """A ValueError naming what a local checkpoint folder lacks: config.json, or weights that safetensors can read."""
+    if needs_config and not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json; a model folder written by save_pretrained holds config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("model*.safetensors")):
+        raise ValueError(
+            f"{folder}: no model weights (model.safetensors); point to a folder written by save_pretrained"
+        )
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights}: not a readable safetensors file ({error}); save the model again") from error
 
 
 def pooled_counts(feature_positions: torch.Tensor, pooling: int) -> torch.Tensor:
@@ -496,5 +533,9 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             fresh.to(dtype)
         return model
 
+
+# For custom-code models `generate` calls `inspect.signature(self.forward)` at every decoding step (transformers 5.24
+# checks for a removed `cache_position` argument); a precomputed `__signature__` (PEP 362) makes that lookup cheap.
+SepitForConditionalGeneration.forward.__signature__ = inspect.signature(SepitForConditionalGeneration.forward)
 
 __all__ = ["SepitForConditionalGeneration", "SepitModel", "SepitPreTrainedModel"]

@@ -30,6 +30,11 @@ class ProteinQuestionAnsweringPipeline(Pipeline):
             raise ValueError("protein-qa needs the SEPIT processor: pass processor=SepitProcessor.from_pretrained(...)")
         self.tokenizer = self.processor.tokenizer
 
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, list) and not inputs:  # the base class would fail on it with an IndexError
+            raise ValueError("protein-qa inputs: an empty list; give one request dict or a non-empty list of them")
+        return super().__call__(inputs, *args, **kwargs)
+
     def _sanitize_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
         generate_kwargs = dict(kwargs.pop("generate_kwargs", None) or {})
         generate_kwargs.update(kwargs)

@@ -161,6 +161,8 @@ class SepitProcessor(ProcessorMixin):
         self.original_compat = original_compat
         self.protein_padding_length = protein_padding_length
         self.protein_pooling = protein_pooling
+        if not isinstance(max_protein_length, int) or max_protein_length < 1:
+            raise ValueError(f"max_protein_length must be an integer >= 1 (residues kept), got {max_protein_length!r}")
         if protein_pooling < 1:
             raise ValueError(f"protein_pooling must be >= 1 (1: one placeholder per position), got {protein_pooling}")
         if original_compat and protein_pooling != 1:
@@ -262,10 +264,12 @@ class SepitProcessor(ProcessorMixin):
         as `apply_chat_template` computes them) `labels` cover those spans only."""
         if text is None or (isinstance(text, list) and not text):
             raise ValueError("text: no question given; pass a string (or list of strings) with `<protein>` tags")
+        if not isinstance(text, str | list | tuple):
+            raise ValueError(f"text: got {type(text).__name__}; pass a string (or list of strings) with <protein> tags")
         texts = [text] if isinstance(text, str) else list(text)
         for i, item in enumerate(texts):
             if not isinstance(item, str) or not item.strip():
-                raise ValueError(f"text[{i}]: empty question; give the question as a non-empty string")
+                raise ValueError(f"text[{i}]: empty question or not a string; give the question as a non-empty string")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r}: SEPIT returns PyTorch tensors only ('pt')")
         padding_side = padding_side or self.tokenizer.padding_side
@@ -329,6 +333,13 @@ class SepitProcessor(ProcessorMixin):
         for i, chat in enumerate(conversations):
             if not chat or not all(isinstance(m, dict) and "role" in m and "content" in m for m in chat):
                 raise ValueError(f"conversation[{i}]: give a non-empty list of {{'role', 'content'}} messages")
+            for j, message in enumerate(chat):
+                content = message["content"]
+                if not isinstance(content, str) or (message["role"] == "user" and not content.strip()):
+                    raise ValueError(
+                        f"conversation[{i}][{j}]: {message['role']} content must be a string, non-empty for a user "
+                        "question"
+                    )
         template = chat_template or self.chat_template
         if not add_generation_prompt and tokenize and not GENERATION_TAG.search(template):
             raise ValueError(

@@ -44,6 +44,8 @@ class ProteinStructure:
 def load_structure(path: str | os.PathLike, chain: str | None = None) -> ProteinStructure:
     """The protein chain `chain` (author chain id; may be omitted when the file has one protein chain) of the first
     model of a PDB or mmCIF file, gzipped or not. Raises ValueError naming the file for anything it cannot read."""
+    if not isinstance(path, str | os.PathLike):
+        raise ValueError(f"structure: expected a PDB/mmCIF file path, got {type(path).__name__}; accepted: {_ACCEPTED}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, not a structure file")

@@ -19,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from .modeling_moe import SepitSparseMoeBlock
+from .processing_sepit import SepitProcessor
 
 # Top-level parts of `SepitModel`, as named in a recipe's `freeze` list and in learning-rate scales.
 MODULES = ("protein_model", "structure_module", "multi_modal_projector", "language_model")
@@ -146,6 +147,21 @@ class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+def llm_lengths(rows: dict[str, list], processor: SepitProcessor) -> list[int]:
+    """LLM positions of each dataset row (a batch of `datasets.map`): its message tokens plus its protein's
+    ceil((residues + 2) / protein_pooling) placeholders, for the Trainer's `group_by_length` sampler, whose batches of
+    similar lengths pad little. The chat template's fixed tokens are left out: they shift every row alike."""
+    texts = [" ".join(message["content"] for message in messages) for messages in rows["messages"]]
+    text_tokens = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    sequences = rows.get("sequence") or [None] * len(texts)
+    pooling = processor.protein_pooling
+    protein_tokens = [
+        0 if not sequence else -(-(min(len(sequence), processor.max_protein_length) + 2) // pooling)
+        for sequence in sequences
+    ]
+    return [text + protein for text, protein in zip(text_tokens, protein_tokens, strict=True)]
 
 
 def end_training(trainer: Trainer) -> None:

@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.evaluation_sepit import SYSTEMS, generate_answers, is_closed
 from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
+from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"
 
@@ -61,11 +62,18 @@ class EvaluationArguments:
     device: str = field(default="cpu", metadata={"help": "Device to generate on (cuda on a GPU machine)."})
 
     def __post_init__(self) -> None:
+        local = Path(self.model_name_or_path)
+        if (local.is_absolute() or self.model_name_or_path.startswith(".")) and not local.is_dir():
+            raise ValueError(f"model_name_or_path: {local} is not a folder; give a SEPIT folder or a Hub id")
         unknown = set(self.systems) - set(SYSTEMS)
         if unknown or not self.systems:
             raise ValueError(f"systems: {sorted(unknown) or 'none given'}; choose from {list(SYSTEMS)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
         if self.bertscore_model is None:
             self.bertscore_model, self.bertscore_num_layers = default_bertscore_model(), 6
         elif self.bertscore_model.lower() == "none":
@@ -112,16 +120,18 @@ def evaluate_benchmark(
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(EvaluationArguments, description=__doc__.splitlines()[0])
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
+        processor = SepitProcessor.from_pretrained(args.model_name_or_path)
+        model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+        model = model.to(args.device)
+        benchmarks = {"heldout": load_dataset(args.dataset_name, args.dataset_config, split=args.split)}
+        if args.external_benchmarks:
+            benchmarks["instructprotein"] = load_dataset(args.external_benchmarks, split="test")
+    except (ValueError, OSError) as error:  # arguments, model or dataset
+        print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    processor = SepitProcessor.from_pretrained(args.model_name_or_path)
-    model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype).to(args.device)
-    benchmarks = {"heldout": load_dataset(args.dataset_name, args.dataset_config, split=args.split)}
-    if args.external_benchmarks:
-        benchmarks["instructprotein"] = load_dataset(args.external_benchmarks, split="test")
     output_dir = Path(args.output_dir)
     for name, dataset in benchmarks.items():
         if args.max_samples is not None:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from datasets import load_dataset
 from peft import LoraConfig, PeftModel
 from transformers import set_seed
@@ -60,6 +61,19 @@ class SepitLoraArguments:
         default=None, metadata={"help": "Folder for the merged model (default: <output_dir>/merged); '' skips it."}
     )
 
+    def __post_init__(self) -> None:
+        local = Path(self.model_name_or_path)
+        if (local.is_absolute() or self.model_name_or_path.startswith(".")) and not local.is_dir():
+            raise ValueError(f"model_name_or_path: {local} is not a folder; give a SEPIT folder or a Hub id")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1 (the adapters' rank), got {self.lora_r}")
+        if self.max_protein_length < 1:
+            raise ValueError(
+                f"max_protein_length must be >= 1 (residues kept per protein), got {self.max_protein_length}"
+            )
+        if not 0.0 <= self.structure_dropout <= 1.0:
+            raise ValueError(f"structure_dropout must be in [0, 1], got {self.structure_dropout}")
+
 
 def lora_target_pattern(projections: list[str] | tuple[str, ...], encoder: bool) -> str:
     """A regex PEFT full-matches against module names. Anchored at the LLM decoder layers (and the ESM-2 attention when
@@ -97,21 +111,32 @@ def merge_adapter(
 
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((SepitLoraArguments, SFTConfig))
-    script_args, training_args = parser.parse_args_and_config(args=argv)
-    set_seed(training_args.seed)
-    training_args.remove_unused_columns = False  # the collator needs the protein columns
-    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    try:
+        script_args, training_args = parser.parse_args_and_config(args=argv)
+        set_seed(training_args.seed)
+        training_args.remove_unused_columns = False  # the collator needs the protein columns
+        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
-    processor = SepitProcessor.from_pretrained(script_args.model_name_or_path)
-    processor.max_protein_length = script_args.max_protein_length
-    model = SepitForConditionalGeneration.from_pretrained(script_args.model_name_or_path, dtype=script_args.dtype)
-    if model.config.text_config.num_experts is None:
-        training_args.router_aux_loss_coef = 0.0  # dense: TRL would otherwise ask a model without routers for logits
-    dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
-    train_dataset = dataset[script_args.dataset_train_split]
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+        processor = SepitProcessor.from_pretrained(script_args.model_name_or_path)
+        processor.max_protein_length = script_args.max_protein_length
+        model = SepitForConditionalGeneration.from_pretrained(script_args.model_name_or_path, dtype=script_args.dtype)
+        if model.config.text_config.num_experts is None:
+            # dense: TRL would otherwise ask a model without routers for logits
+            training_args.router_aux_loss_coef = 0.0
+        dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
+        if script_args.dataset_train_split not in dataset:
+            raise ValueError(
+                f"dataset_train_split: {script_args.dataset_name} has no split {script_args.dataset_train_split!r}; "
+                f"it has {list(dataset)}"
+            )
+        train_dataset = dataset[script_args.dataset_train_split]
+        if script_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+        eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+    except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
+        print(f"finetune_lora: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
     trainer = SFTTrainer(
         model=model,

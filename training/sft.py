@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from datasets import load_dataset
 from transformers import set_seed
 from trl import SFTConfig, TrlParser
@@ -21,9 +22,11 @@ from trl import SFTConfig, TrlParser
 from modeling_sepit import SepitConfig, SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
+    MODULES,
     SepitSFTTrainer,
     end_training,
     freeze_modules,
+    llm_lengths,
     parameter_counts,
     save_loss_plot,
 )
@@ -76,6 +79,15 @@ class SepitSFTArguments:
             )
         if self.protein_pooling is not None and self.protein_pooling < 1:
             raise ValueError(f"protein_pooling must be >= 1, got {self.protein_pooling}")
+        if self.max_protein_length < 1:
+            raise ValueError(
+                f"max_protein_length must be >= 1 (residues kept per protein), got {self.max_protein_length}"
+            )
+        if not 0.0 <= self.structure_dropout <= 1.0:
+            raise ValueError(f"structure_dropout must be in [0, 1], got {self.structure_dropout}")
+        unknown = set(self.freeze) - set(MODULES)
+        if unknown:
+            raise ValueError(f"freeze: unknown modules {sorted(unknown)}; choose from {list(MODULES)}")
 
 
 def load_model_and_processor(
@@ -118,19 +130,38 @@ def load_model_and_processor(
 
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((SepitSFTArguments, SFTConfig))
-    script_args, training_args = parser.parse_args_and_config(args=argv)
-    set_seed(training_args.seed)
-    training_args.remove_unused_columns = False  # the collator needs the protein columns
-    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    try:
+        script_args, training_args = parser.parse_args_and_config(args=argv)
+        set_seed(training_args.seed)
+        training_args.remove_unused_columns = False  # the collator needs the protein columns
+        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
-    model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
-    if model.config.text_config.num_experts is None:
-        training_args.router_aux_loss_coef = 0.0  # dense: TRL would otherwise ask a model without routers for logits
-    dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
-    train_dataset = dataset[script_args.dataset_train_split]
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+        model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
+        if model.config.text_config.num_experts is None:
+            # dense: TRL would otherwise ask a model without routers for logits
+            training_args.router_aux_loss_coef = 0.0
+        dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
+        if script_args.dataset_train_split not in dataset:
+            raise ValueError(
+                f"dataset_train_split: {script_args.dataset_name} has no split {script_args.dataset_train_split!r}; "
+                f"it has {list(dataset)}"
+            )
+        train_dataset = dataset[script_args.dataset_train_split]
+        if script_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+        length_column = training_args.length_column_name
+        if (
+            training_args.train_sampling_strategy == "group_by_length"
+            and length_column not in train_dataset.column_names
+        ):
+            train_dataset = train_dataset.map(
+                lambda rows: {length_column: llm_lengths(rows, processor)}, batched=True, desc="LLM lengths"
+            )
+        eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+    except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
+        print(f"sft: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
     trainer = SepitSFTTrainer(
         model=model,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import load_dataset
 from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
@@ -69,6 +70,11 @@ class Stage0Arguments:
         given = [name for name in MODEL_OVERRIDES if getattr(self, name) is not None]
         if self.model_name_or_path and given:
             raise ValueError(f"{given}: these build a new model; a continued model keeps its saved config")
+        if self.max_protein_length < 1 or self.max_caption_length < 1:
+            raise ValueError(
+                f"max_protein_length and max_caption_length must be >= 1, got {self.max_protein_length} and "
+                f"{self.max_caption_length}"
+            )
 
 
 class SepitPretrainingTrainer(AtomicCheckpointMixin, Trainer):
@@ -157,6 +163,11 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
     set_seed(training_args.seed)  # the fresh modules' initialisation
     model, collator = load_model_and_collator(args)
     dataset = load_dataset(args.dataset_name, args.dataset_config)
+    if args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"dataset_train_split: {args.dataset_name} has no split {args.dataset_train_split!r}; "
+            f"it has {list(dataset)}"
+        )
     return SepitPretrainingTrainer(
         model=model,
         args=training_args,
@@ -170,8 +181,13 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
 
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((Stage0Arguments, TrainingArguments))
-    script_args, training_args = parser.parse_args_and_config(args=argv)
-    trainer = build_trainer(script_args, training_args)
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    try:
+        script_args, training_args = parser.parse_args_and_config(args=argv)
+        trainer = build_trainer(script_args, training_args)
+    except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
+        print(f"stage0_encoder_warmup: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint={"true": True, "false": None}.get(str(resume).lower(), resume))
     output_dir = Path(training_args.output_dir)

@@ -1,9 +1,17 @@
-"""Training pieces: per-module learning rates, freezing from a recipe, activated-parameter counts, loss plots."""
+"""Training pieces: per-module learning rates, freezing from a recipe, activated-parameter counts, loss plots, the
+LLM lengths behind length-grouped batches."""
 
 import pytest
+from datasets import load_dataset
 
-from modeling_sepit import SepitForConditionalGeneration
-from modeling_sepit.training_sepit import freeze_modules, parameter_counts, parameter_groups, save_loss_plot
+from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.training_sepit import (
+    freeze_modules,
+    llm_lengths,
+    parameter_counts,
+    parameter_groups,
+    save_loss_plot,
+)
 from tests.conftest import tiny_config
 
 
@@ -60,3 +68,19 @@ def test_loss_plot_written_atomically(tmp_path) -> None:
     path = save_loss_plot(history, tmp_path / "loss_curve.png", "stage")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(tmp_path.iterdir()) == [path]
     assert save_loss_plot([{"learning_rate": 1.0, "step": 1}], tmp_path / "none.png", "stage") is None
+
+
+@pytest.mark.parametrize("pooling", [1, 4])
+def test_llm_lengths_follow_the_real_input_lengths(demo_dataset, tiny_parts, pooling) -> None:
+    processor = SepitProcessor.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model", max_protein_length=200, protein_pooling=pooling
+    )
+    rows = load_dataset(str(demo_dataset), "instructions", split="train").shuffle(seed=0).select(range(24))
+    estimated = llm_lengths(rows[:], processor)
+    real = [
+        processor.apply_chat_template(row["messages"], proteins=[row["sequence"]])["input_ids"].shape[1] for row in rows
+    ]
+    # What the estimate leaves out is the chat template's fixed tokens (and a merge or two at its seams).
+    overhead = [r - e for r, e in zip(real, estimated, strict=True)]
+    assert max(overhead) - min(overhead) <= 4 and min(overhead) > 0
+    assert len(set(estimated)) > 10  # the lengths differ enough to group
