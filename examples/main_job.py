@@ -28,7 +28,7 @@ from transformers import HfArgumentParser
 
 from dataset_card.card import push_dataset
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.hub_sepit import model_card, push_hub_folder, save_hub_folder
+from modeling_sepit.hub_sepit import model_card, push_hub_folder, require_local_or_cached, save_hub_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT_STRUCTURE = ROOT / "examples" / "data" / "4hhb.pdb"  # haemoglobin: not in the demo corpus
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
+        for name in ("protein_model", "language_model", "text_encoder", "bertscore_model"):
+            require_local_or_cached(getattr(args, name), name)  # offline: before the dataset is built
     except ValueError as error:
         print(f"main_job: error: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,12 @@
-"""A Hub-ready SEPIT folder (model, processor, pipeline code, `auto_map`) and its upload."""
+"""A Hub-ready SEPIT folder (model, processor, pipeline code, `auto_map`), its upload, and the offline check of the
+command lines' model arguments."""
 
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import pipeline
 
 from .atomic_folder import atomic_folder
@@ -93,4 +96,30 @@ def push_hub_folder(
     return str(commit)  # a CommitInfo is the commit URL (a str subclass)
 
 
-__all__ = ["model_card", "push_hub_folder", "save_hub_folder"]
+def require_local_or_cached(
+    name_or_path: str | os.PathLike | None, what: str, filename: str = "config.json"
+) -> str | None:
+    """`name_or_path` unchanged if it is not given (None, ""), a local path, a Hub id while the Hub may be reached, or
+    a Hub id whose `filename` is in the local Hugging Face cache. Otherwise (`HF_HUB_OFFLINE=1`) a one-line ValueError
+    naming the argument `what`, the repository and how to provide it: the command lines call this right after
+    parsing, so an offline run that needs a missing Hub file stops before building anything (transformers would fail
+    later, with a message that names neither the file nor the repository)."""
+    if name_or_path is None or str(name_or_path) == "":
+        return name_or_path
+    name = str(name_or_path)
+    if Path(name).exists() or not constants.HF_HUB_OFFLINE:
+        return name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"{what}: {name} is not a local folder (nor a Hub repo id); pass a local folder") from None
+    if isinstance(try_to_load_from_cache(name, filename), str):
+        return name
+    raise ValueError(
+        f"{what}: HF_HUB_OFFLINE=1 and {name} is neither a local folder nor in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}, no {filename}): download it on a machine with internet (`hf download {name}`) "
+        "and copy the cache, or pass a local folder"
+    )
+
+
+__all__ = ["model_card", "push_hub_folder", "require_local_or_cached", "save_hub_folder"]

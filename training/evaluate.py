@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.evaluation_sepit import SYSTEMS, generate_answers, is_closed
+from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
 from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
+        # offline: a missing Hub model stops here, not after generating every answer (BERTScore comes last)
+        require_local_or_cached(args.model_name_or_path, "model_name_or_path")
+        require_local_or_cached(args.bertscore_model, "bertscore_model")
         processor = SepitProcessor.from_pretrained(args.model_name_or_path)
         model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
         model = model.to(args.device)

@@ -21,7 +21,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.hub_sepit import save_hub_folder
+from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
 from modeling_sepit.training_sepit import end_training, save_loss_plot
 
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
+        require_local_or_cached(script_args.model_name_or_path, "model_name_or_path")  # offline: a missing Hub model
         set_seed(training_args.seed)
         training_args.remove_unused_columns = False  # the collator needs the protein columns
         training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}

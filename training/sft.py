@@ -20,6 +20,7 @@ from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
 from modeling_sepit import SepitConfig, SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
     MODULES,
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
+        models = ("model_name_or_path", "protein_model_name_or_path", "language_model_name_or_path")
+        for name in (*models, "encoder_warmup_dir"):
+            require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
         set_seed(training_args.seed)
         training_args.remove_unused_columns = False  # the collator needs the protein columns
         training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}

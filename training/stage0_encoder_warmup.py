@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 from trl import TrlParser
 
+from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
 from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, save_loss_plot
 
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
+        for name in ("model_name_or_path", "protein_model_name_or_path", "text_encoder_name_or_path"):
+            require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
         trainer = build_trainer(script_args, training_args)
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
         print(f"stage0_encoder_warmup: error: {' '.join(str(error).split())}", file=sys.stderr)
