@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from datasets import Dataset, load_dataset
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -147,6 +148,29 @@ class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+def load_training_splits(
+    dataset_name: str,
+    dataset_config: str,
+    train_split: str,
+    test_split: str,
+    max_train_samples: int | None,
+    with_eval: bool,
+) -> tuple[Dataset, Dataset | None]:
+    """The training split (its first `max_train_samples` rows when given) and, when `with_eval`, the evaluation split
+    of a SEPIT dataset; a missing split is a ValueError naming it and the splits there are."""
+    dataset = load_dataset(dataset_name, dataset_config)
+    for argument, split in (
+        ("dataset_train_split", train_split),
+        ("dataset_test_split", test_split if with_eval else None),
+    ):
+        if split is not None and split not in dataset:
+            raise ValueError(f"{argument}: {dataset_name} has no split {split!r}; it has {list(dataset)}")
+    train_dataset = dataset[train_split]
+    if max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(max_train_samples, len(train_dataset))))
+    return train_dataset, dataset[test_split] if with_eval else None
 
 
 def llm_lengths(rows: dict[str, list], processor: SepitProcessor) -> list[int]:

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from datasets import load_dataset
 from peft import LoraConfig, PeftModel
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
-from modeling_sepit.training_sepit import end_training, save_loss_plot
+from modeling_sepit.training_sepit import end_training, load_training_splits, save_loss_plot
 
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_PROJECTIONS = ("query", "key", "value")
@@ -125,16 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         if model.config.text_config.num_experts is None:
             # dense: TRL would otherwise ask a model without routers for logits
             training_args.router_aux_loss_coef = 0.0
-        dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
-        if script_args.dataset_train_split not in dataset:
-            raise ValueError(
-                f"dataset_train_split: {script_args.dataset_name} has no split {script_args.dataset_train_split!r}; "
-                f"it has {list(dataset)}"
-            )
-        train_dataset = dataset[script_args.dataset_train_split]
-        if script_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-        eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+        train_dataset, eval_dataset = load_training_splits(
+            script_args.dataset_name,
+            script_args.dataset_config,
+            script_args.dataset_train_split,
+            script_args.dataset_test_split,
+            script_args.max_train_samples,
+            with_eval=training_args.eval_strategy != "no",
+        )
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
         print(f"finetune_lora: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from datasets import load_dataset
 from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
@@ -28,6 +27,7 @@ from modeling_sepit.training_sepit import (
     end_training,
     freeze_modules,
     llm_lengths,
+    load_training_splits,
     parameter_counts,
     save_loss_plot,
 )
@@ -145,15 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         if model.config.text_config.num_experts is None:
             # dense: TRL would otherwise ask a model without routers for logits
             training_args.router_aux_loss_coef = 0.0
-        dataset = load_dataset(script_args.dataset_name, script_args.dataset_config)
-        if script_args.dataset_train_split not in dataset:
-            raise ValueError(
-                f"dataset_train_split: {script_args.dataset_name} has no split {script_args.dataset_train_split!r}; "
-                f"it has {list(dataset)}"
-            )
-        train_dataset = dataset[script_args.dataset_train_split]
-        if script_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+        train_dataset, eval_dataset = load_training_splits(
+            script_args.dataset_name,
+            script_args.dataset_config,
+            script_args.dataset_train_split,
+            script_args.dataset_test_split,
+            script_args.max_train_samples,
+            with_eval=training_args.eval_strategy != "no",
+        )
         length_column = training_args.length_column_name
         if (
             training_args.train_sampling_strategy == "group_by_length"
@@ -162,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             train_dataset = train_dataset.map(
                 lambda rows: {length_column: llm_lengths(rows, processor)}, batched=True, desc="LLM lengths"
             )
-        eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
         print(f"sft: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
