@@ -17,7 +17,7 @@ from datasets import Dataset, load_dataset
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from .modeling_moe import SepitSparseMoeBlock
 from .processing_sepit import SepitProcessor
@@ -148,6 +148,15 @@ class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+def configure_sft(training_args: SFTConfig, model: nn.Module) -> None:
+    """The `SFTConfig` settings every SEPIT run needs: the collator reads the protein columns and builds the batches
+    itself, and a dense model has no router logits for TRL's load-balancing loss."""
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    if model.config.text_config.num_experts is None:
+        training_args.router_aux_loss_coef = 0.0
 
 
 def load_training_splits(

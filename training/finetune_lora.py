@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
-from modeling_sepit.training_sepit import end_training, load_training_splits, save_loss_plot
+from modeling_sepit.training_sepit import configure_sft, end_training, load_training_splits, save_loss_plot
 
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_PROJECTIONS = ("query", "key", "value")
@@ -115,15 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         script_args, training_args = parser.parse_args_and_config(args=argv)
         require_local_or_cached(script_args.model_name_or_path, "model_name_or_path")  # offline: a missing Hub model
         set_seed(training_args.seed)
-        training_args.remove_unused_columns = False  # the collator needs the protein columns
-        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-
         processor = SepitProcessor.from_pretrained(script_args.model_name_or_path)
         processor.max_protein_length = script_args.max_protein_length
         model = SepitForConditionalGeneration.from_pretrained(script_args.model_name_or_path, dtype=script_args.dtype)
-        if model.config.text_config.num_experts is None:
-            # dense: TRL would otherwise ask a model without routers for logits
-            training_args.router_aux_loss_coef = 0.0
+        configure_sft(training_args, model)
         train_dataset, eval_dataset = load_training_splits(
             script_args.dataset_name,
             script_args.dataset_config,

@@ -24,6 +24,7 @@ from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
     MODULES,
     SepitSFTTrainer,
+    configure_sft,
     end_training,
     freeze_modules,
     llm_lengths,
@@ -138,13 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in (*models, "encoder_warmup_dir"):
             require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
         set_seed(training_args.seed)
-        training_args.remove_unused_columns = False  # the collator needs the protein columns
-        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-
         model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
-        if model.config.text_config.num_experts is None:
-            # dense: TRL would otherwise ask a model without routers for logits
-            training_args.router_aux_loss_coef = 0.0
+        configure_sft(training_args, model)
         train_dataset, eval_dataset = load_training_splits(
             script_args.dataset_name,
             script_args.dataset_config,
