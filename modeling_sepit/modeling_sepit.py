@@ -1,6 +1,7 @@
 """SEPIT: a structure-aware ESM-2 encoder whose per-residue features are spliced into a causal LM."""
 
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +288,16 @@ def check_checkpoint_folder(folder: Path, needs_config: bool = True) -> None:
                 pass
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights}: not a readable safetensors file ({error}); save the model again") from error
+    legacy = folder / "pytorch_model.bin"
+    if legacy.is_file() and not weights.is_file():
+        try:
+            torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as error:  # weights-only unpickling refuses anything but tensors, and runs none of it
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error).strip().splitlines()[0])  # torch's message has ANSI bold
+            raise ValueError(
+                f"{legacy}: not a plain tensor checkpoint ({reason}); its pickled objects are never run: save the "
+                "weights as safetensors (model.save_pretrained)"
+            ) from error
 
 
 def pooled_counts(feature_positions: torch.Tensor, pooling: int) -> torch.Tensor:

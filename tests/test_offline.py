@@ -286,7 +286,7 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_a_pickled_checkpoint_is_read_without_running_its_code(tmp_path):
+def test_a_pickled_checkpoint_is_read_without_running_its_code(tmp_path, capsys):
     torch.manual_seed(0)
     model = SepitForConditionalGeneration(tiny_config())
     benign, malicious = tmp_path / "benign", tmp_path / "malicious"
@@ -302,9 +302,20 @@ def test_a_pickled_checkpoint_is_read_without_running_its_code(tmp_path):
     assert all(torch.equal(loaded.state_dict()[name], state[name]) for name in state)
     # ... and refuses anything else, without running it
     for load in (SepitForConditionalGeneration.from_pretrained, AutoModel.from_pretrained):
-        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        with pytest.raises(ValueError, match="not a plain tensor checkpoint .*Weights only load failed") as caught:
             load(malicious)
-        assert not marker.exists()
+        assert isinstance(caught.value.__cause__, pickle.UnpicklingError) and not marker.exists()
+    # a CLI given such a folder (with its processor) exits 2 with one line, having run nothing
+    folder = tmp_path / "converted"
+    convert(ORIGINAL / "original-tiny-dense", folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": Payload(marker)}, folder / "pytorch_model.bin")
+    evaluate = runpy.run_path(str(ROOT / "training" / "evaluate.py"))
+    capsys.readouterr()  # the progress bars so far
+    assert evaluate["main"](["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("evaluate: error: ") and "pytorch_model.bin: not a plain tensor checkpoint" in error
+    assert "\n" not in error and "\x1b" not in error and not marker.exists()
 
 
 SOURCES = ("modeling_sepit", "training", "dataset_card", "examples")
