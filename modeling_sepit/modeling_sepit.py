@@ -2,6 +2,7 @@
 
 import inspect
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +290,10 @@ def check_checkpoint_folder(folder: Path, needs_config: bool = True) -> None:
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights}: not a readable safetensors file ({error}); save the model again") from error
     legacy = folder / "pytorch_model.bin"
-    if legacy.is_file() and not weights.is_file():
+    if legacy.is_file() and not weights.is_file() and zipfile.is_zipfile(legacy):
         try:
-            torch.load(legacy, map_location="cpu", weights_only=True)
+            # Memory-mapped: only the pickle is read here, not the tensors transformers reads again right after.
+            torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # weights-only unpickling refuses anything but tensors, and runs none of it
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error).strip().splitlines()[0])  # torch's message has ANSI bold
             raise ValueError(

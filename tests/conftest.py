@@ -26,6 +26,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ORIGINAL = FIXTURES / "sepit-original"
 STRUCTURES = FIXTURES / "structures"
 PROTEIN_TOKEN_ID = 99
+# The command-line scripts (run with `runpy.run_path`), by the names the CLI tests give them.
+SCRIPTS = {
+    "evaluate": ROOT / "training" / "evaluate.py",
+    "main_job": ROOT / "examples" / "main_job.py",
+    "sft": ROOT / "training" / "sft.py",
+    "stage0": ROOT / "training" / "stage0_encoder_warmup.py",
+    "lora": ROOT / "training" / "finetune_lora.py",
+}
 PAD_ID = 0
 
 

@@ -34,6 +34,7 @@ from tests.conftest import (
     ORIGINAL,
     PROTEIN_TOKEN_ID,
     ROOT,
+    SCRIPTS,
     STRUCTURES,
     pad,
     prompt_ids,
@@ -776,13 +777,6 @@ def test_build_reports_a_binary_uniprot_file_and_builds_the_rest(tmp_path):
 
 # --- command lines ---------------------------------------------------------------------------------------------------
 
-SCRIPTS = {
-    "evaluate": ROOT / "training" / "evaluate.py",
-    "main_job": ROOT / "examples" / "main_job.py",
-    "sft": ROOT / "training" / "sft.py",
-    "stage0": ROOT / "training" / "stage0_encoder_warmup.py",
-    "lora": ROOT / "training" / "finetune_lora.py",
-}
 # What a case that wrongly passes validation would start: replaced so that it fails at once instead of training.
 LONG_STEPS = {"evaluate": "evaluate_benchmark", "main_job": "run", "sft": "SepitSFTTrainer"}
 LONG_STEPS["stage0"] = "SepitPretrainingTrainer"

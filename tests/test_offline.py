@@ -32,7 +32,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 from modeling_sepit import SepitForConditionalGeneration
 from modeling_sepit.convert_original_sepit import convert
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
-from tests.conftest import ORIGINAL, ROOT, run_in_fresh_python, tiny_config
+from tests.conftest import ORIGINAL, ROOT, SCRIPTS, run_in_fresh_python, tiny_config
 
 ESM, LLAMA = "facebook/esm2_t6_8M_UR50D", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"
@@ -78,13 +78,6 @@ def test_helper_passes_local_folders_cached_repos_and_online_names(offline, tmp_
     assert require_local_or_cached(SEPIT, "x") == SEPIT  # online: left to the Hub
 
 
-SCRIPTS = {
-    "evaluate": ROOT / "training" / "evaluate.py",
-    "main_job": ROOT / "examples" / "main_job.py",
-    "sft": ROOT / "training" / "sft.py",
-    "stage0": ROOT / "training" / "stage0_encoder_warmup.py",
-    "lora": ROOT / "training" / "finetune_lora.py",
-}
 # What each would start after a check that let the name through: replaced so that the test fails at once instead.
 LONG_STEPS = {
     "evaluate": "SepitProcessor",

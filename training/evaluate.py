@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, dataset in benchmarks.items():
         if args.max_samples is not None:
             dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-        with_structure = sum(coords is not None for coords in dataset["coords"])
+        with_structure = sum(source is not None for source in dataset["structure_source"])  # not the coordinates
         model_name = Path(args.model_name_or_path).name
         title = f"{name}: {model_name} on {len(dataset)} questions ({with_structure} with a structure)"
         evaluate_benchmark(model, processor, dataset.to_list(), args, output_dir / name, title)
