@@ -62,7 +62,13 @@ def main() -> None:
         chosen = rng.sample(sequences, batch_size)
         conversations = [[{"role": "user", "content": QUESTION}] for _ in chosen]
         inputs = processor.apply_chat_template(
-            conversations, proteins=[[sequence] for sequence in chosen], add_generation_prompt=True
+            conversations,
+            proteins=[[sequence] for sequence in chosen],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"},
         )
         placeholders = inputs["input_ids"] == processor.protein_token_id
         text_ids = torch.randint(10, processor.protein_token_id, inputs["input_ids"].shape)

@@ -1,9 +1,21 @@
 """SEPIT configuration: an ESM-2 protein encoder, its structure module, a projector and a causal LM."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import CONFIG_MAPPING, AutoConfig
+from transformers import CONFIG_MAPPING, AddedToken, AutoConfig, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+PROTEIN_TOKEN = "<protein>"
+
+
+def add_protein_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of `<protein>` in an LLM tokenizer, added as a special token when missing. The model
+    (`from_pretrained_parts`) and the processor both call this on the same tokenizer, so they agree on the id by
+    construction, whatever the size of the LLM's embedding matrix."""
+    if tokenizer.convert_tokens_to_ids(PROTEIN_TOKEN) in (None, tokenizer.unk_token_id):
+        tokenizer.add_tokens([AddedToken(PROTEIN_TOKEN, normalized=False, special=True)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(PROTEIN_TOKEN)
+
 
 # Mixture-of-experts fields live on the text config, where TRL and `load_balancing_loss_func` read them.
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "norm_topk_prob", "output_router_logits")
@@ -119,4 +131,4 @@ class SepitConfig(PreTrainedConfig):
                 raise ValueError(f"num_experts_per_tok must be in [1, num_experts={experts}], got {per_token}")
 
 
-__all__ = ["SepitConfig"]
+__all__ = ["PROTEIN_TOKEN", "SepitConfig", "add_protein_token"]

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, EsmConfig, HfArgumentParser
+from transformers import AutoTokenizer, EsmConfig
 
 from .atomic_folder import atomic_folder
+from .cli_sepit import script_parser
 from .configuration_sepit import SepitConfig
-from .modeling_sepit import SepitForConditionalGeneration
+from .modeling_sepit import SepitForConditionalGeneration, unused_protein_weights
 from .processing_sepit import SepitProcessor
 
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
@@ -203,6 +204,9 @@ def convert(
         # transformers 4.x kept an unused absolute-position table in rotary ESM models.
         state_dict.pop("model.protein_model.embeddings.position_embeddings.weight", None)
     model = SepitForConditionalGeneration(config)
+    # The ESM layers above the projected one (and the final norm, the contact head) are never computed: not kept.
+    unused = [re.compile(pattern) for pattern in unused_protein_weights(config)]
+    state_dict = {k: v for k, v in state_dict.items() if not any(pattern.search(k) for pattern in unused)}
     expected = set(model.state_dict())
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected)
@@ -317,14 +321,14 @@ def verify_conversion(model: SepitForConditionalGeneration, expected_outputs: st
             do_sample=False,
             pad_token_id=model.config.text_config.pad_token_id,
             eos_token_id=model.config.text_config.eos_token_id,
+            suppress_tokens=[],  # the release can emit `<protein>` (embedded as text); SEPIT models suppress it
         )[:, ids.shape[1] :]
         figures["greedy_token_mismatches"] += int((generated != new_tokens).sum())
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(ConversionArguments)
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser([ConversionArguments], __doc__)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         model = convert(args.input_dir, args.output_dir, args.protein_padding_length)

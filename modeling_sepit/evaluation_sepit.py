@@ -68,7 +68,13 @@ def generate_answers(
         conversations = [requests[i][0] for i in batch]
         proteins = [requests[i][1] for i in batch]
         inputs = processor.apply_chat_template(
-            conversations, proteins=proteins if any(proteins) else None, add_generation_prompt=True
+            conversations,
+            proteins=proteins if any(proteins) else None,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"},
         ).to(model.device)
         output = model.generate(
             **inputs,

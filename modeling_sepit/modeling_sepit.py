@@ -2,8 +2,10 @@
 
 import inspect
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,15 +16,39 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_outputs import ModelOutput
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.import_utils import is_tracing, torch_compilable_check
 
-from .configuration_sepit import SepitConfig
+from .configuration_sepit import SepitConfig, add_protein_token
 from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, build_moe_layers, check_gated_mlp, decoder_layers
 from .modeling_structure import SepitGaussianKernels, SepitStructureModule
 
-PROTEIN_INPUT_NAMES = ("protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coords_mask")
+logger = logging.get_logger(__name__)
+
+# Protein inputs of a prompt; decoding steps read the proteins from the KV cache instead.
+PROTEIN_INPUT_NAMES = (
+    "protein_input_ids",
+    "protein_attention_mask",
+    "protein_coords",
+    "protein_coords_mask",
+    "mm_encoder_outputs",
+)
+# Attention implementations that take the structure bias (an additive float mask) in the ESM layers.
+BIAS_ATTENTION = ("eager", "sdpa")
+PIPELINE_FILE = "pipeline_protein_qa.py"
+CUSTOM_PIPELINES = {
+    "protein-qa": {
+        "impl": "pipeline_protein_qa.ProteinQuestionAnsweringPipeline",
+        "pt": ["AutoModelForCausalLM"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -79,10 +105,15 @@ class SepitMultiModalProjector(nn.Module):
 class SepitPreTrainedModel(PreTrainedModel):
     config: SepitConfig
     base_model_prefix = "model"
-    input_modalities = ("text",)
+    input_modalities = ("protein", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["cache"]
+    _no_split_modules = ["EsmLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"]
     _supports_sdpa = True
+    # The LLM takes any implementation; ESM takes flash/flex attention only for proteins without coordinates (the
+    # structure bias is an additive mask): `forward` refuses coordinates otherwise, naming the fix.
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
 
     @torch.no_grad()
@@ -103,15 +134,49 @@ class SepitPreTrainedModel(PreTrainedModel):
             check_checkpoint_folder(folder, needs_config=kwargs.get("config") is None)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs) -> None:
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs) -> None:
         """Weights are saved under the module names, not reverted to ESM's legacy `LayerNorm.gamma/beta` layout:
-        Trainer's resume loads checkpoints with a plain `load_state_dict`, which would silently skip renamed keys."""
-        # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
+        Trainer's resume loads checkpoints with a plain `load_state_dict`, which would silently skip renamed keys.
+
+        With the remote code, the `protein-qa` pipeline's code is written too (and `custom_pipelines` only then), so
+        the standard pair `model.save_pretrained` + `processor.save_pretrained`, and `push_to_hub`, give a folder
+        that builds its own pipeline with `trust_remote_code=True`."""
+        pipeline_code = Path(__file__).with_name(PIPELINE_FILE)
         if getattr(type(self), "_auto_class", None) is not None:
+            # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map["AutoModelForCausalLM"] = f"modeling_sepit.{SepitForConditionalGeneration.__name__}"
             self.config.auto_map = auto_map
-        super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
+            if pipeline_code.is_file():
+                self.config.custom_pipelines = CUSTOM_PIPELINES
+        if not pipeline_code.is_file() and getattr(self.config, "custom_pipelines", None):
+            # A copy of the remote code that lacks the pipeline file cannot promise the pipeline.
+            logger.warning(f"{PIPELINE_FILE} is not next to {Path(__file__).name}: the folder gets no protein-qa code")
+            del self.config.custom_pipelines
+        super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        if getattr(self.config, "custom_pipelines", None) and pipeline_code.is_file():
+            for source in [pipeline_code, *get_relative_import_files(str(pipeline_code))]:
+                destination = Path(save_directory, Path(source).name)
+                if not destination.exists():
+                    shutil.copy(source, destination)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        """As transformers', but the ESM layers always checkpoint with `use_reentrant=False`: they receive the
+        structure bias as a keyword argument, whose gradient reentrant checkpointing drops (the backward pass fails)."""
+        if gradient_checkpointing_func is None:
+            super()._set_gradient_checkpointing(enable, **kwargs)
+            return
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+        keywords = getattr(gradient_checkpointing_func, "keywords", {})
+        if enable and keywords.get("use_reentrant", False) and hasattr(self, "get_protein_model"):
+            logger.warning_once(
+                "gradient checkpointing with use_reentrant=True: the ESM layers use use_reentrant=False, since the "
+                "structure bias reaches them as a keyword argument"
+            )
+            non_reentrant = partial(gradient_checkpointing_func.func, **{**keywords, "use_reentrant": False})
+            for module in self.get_protein_model().modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module._gradient_checkpointing_func = non_reentrant
 
 
 class SepitModel(SepitPreTrainedModel):
@@ -120,11 +185,14 @@ class SepitModel(SepitPreTrainedModel):
     def __init__(self, config: SepitConfig):
         super().__init__(config)
         self.protein_model = EsmModel(config.protein_config, add_pooling_layer=False)
+        keep_feature_layers(self.protein_model, config.protein_feature_layer)
         self.structure_module = SepitStructureModule(config)
         self.multi_modal_projector = SepitMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         if config.text_config.num_experts is not None:
             build_moe_layers(self.language_model, config.text_config)
+        # ESM-2 checkpoints hold the layers above the projected one, which SEPIT never computes.
+        self._keys_to_ignore_on_load_unexpected = unused_protein_weights(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -133,14 +201,21 @@ class SepitModel(SepitPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def get_protein_model(self) -> EsmModel:
+        return self.protein_model
+
     def get_protein_features(
         self,
         protein_input_ids: torch.LongTensor,
         protein_attention_mask: torch.Tensor | None = None,
         protein_coords: torch.Tensor | None = None,
         protein_coords_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Projected features, flattened to (protein tokens, LLM width) in protein order.
+        return_dict: bool = False,
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
+        """Projected features, flattened to (protein tokens, LLM width) in protein order; with `return_dict=True` a
+        `BaseModelOutputWithPooling` whose `pooler_output` holds one (tokens, LLM width) tensor per protein, the form
+        `forward(mm_encoder_outputs={"protein": ...})` and `generate` take, so that a protein is encoded once for
+        many questions.
 
         Feature positions are the tokens with `protein_attention_mask == 1` (`<cls>`, residues, `<eos>`), or every
         padded position under `original_compat`; with `protein_pooling=k` each protein's positions are averaged k at a
@@ -149,7 +224,37 @@ class SepitModel(SepitPreTrainedModel):
         protein_attention_mask, coords_mask = validate_protein_inputs(
             protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
         )
-        return self._encode_proteins(protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
+        self._check_structure_attention(coords_mask)
+        features = self._encode_proteins(protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
+        if not return_dict:
+            return features
+        counts = self._protein_token_counts(protein_input_ids, protein_attention_mask)
+        return BaseModelOutputWithPooling(pooler_output=features.split(counts.tolist()))
+
+    def _protein_token_counts(
+        self, protein_input_ids: torch.Tensor, protein_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """LLM positions of each protein: its padded width under `original_compat`, else ceil(positions / k)."""
+        if self.config.original_compat:
+            return torch.full((protein_input_ids.shape[0],), protein_input_ids.shape[1], dtype=torch.long)
+        return pooled_counts(protein_attention_mask.sum(-1), self.config.protein_pooling)
+
+    def _check_structure_attention(self, coords_mask: torch.Tensor | None) -> None:
+        implementation = self.protein_model.config._attn_implementation
+        if coords_mask is not None and implementation not in BIAS_ATTENTION:
+            raise ValueError(
+                f"protein_coords: the structure bias is an additive attention mask, which the ESM encoder's "
+                f"{implementation!r} attention cannot take; load with attn_implementation={{'protein_config': 'sdpa', "
+                f"'text_config': {implementation!r}}} (flash/flex attention for the LLM), or give sequences only"
+            )
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Where the `<protein>` placeholders are: from `input_ids`, or, given only `inputs_embeds`, the positions
+        holding the placeholder's embedding (as LLaVA finds its image tokens)."""
+        if input_ids is not None:
+            return input_ids == self.config.protein_token_id
+        token = torch.full((), self.config.protein_token_id, dtype=torch.long, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token)).all(-1)
 
     def _encode_proteins(
         self,
@@ -171,12 +276,16 @@ class SepitModel(SepitPreTrainedModel):
                 encoder_mask = attention_bias.to(embeddings.dtype).masked_fill(
                     padding, torch.finfo(embeddings.dtype).min
                 )
-        layer = self.config.protein_feature_layer
-        # Only the projected layer's hidden state is kept (transformers' hidden-state selection), not all of them.
-        encoder_outputs = self.protein_model(
-            inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=[layer], return_dict=True
-        )
-        selected = encoder_outputs.hidden_states[layer]
+        if self.protein_model.encoder.emb_layer_norm_after is None:
+            # The layers above the projected one were dropped (`keep_feature_layers`): its state is the last one.
+            selected = self.protein_model(inputs_embeds=embeddings, attention_mask=encoder_mask).last_hidden_state
+        else:
+            # The top layer is projected: only its hidden state is kept (transformers' hidden-state selection).
+            layer = self.config.protein_feature_layer
+            encoder_outputs = self.protein_model(
+                inputs_embeds=embeddings, attention_mask=encoder_mask, output_hidden_states=[layer], return_dict=True
+            )
+            selected = encoder_outputs.hidden_states[layer]
         if self.config.protein_pooling > 1:
             # Pooled at the ESM width, before the projector: cheaper than pooling projected LLM-width features.
             selected = pool_protein_states(selected, protein_attention_mask, self.config.protein_pooling)
@@ -184,6 +293,8 @@ class SepitModel(SepitPreTrainedModel):
             selected = selected[protein_attention_mask.bool()]
         return self.multi_modal_projector(selected.reshape(-1, selected.shape[-1]))
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -195,12 +306,16 @@ class SepitModel(SepitPreTrainedModel):
         protein_attention_mask: torch.Tensor | None = None,
         protein_coords: torch.FloatTensor | None = None,
         protein_coords_mask: torch.BoolTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool = False,
         **kwargs,
     ) -> SepitModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        precomputed = (mm_encoder_outputs or {}).get("protein")
+        if precomputed is not None and protein_input_ids is not None:
+            raise ValueError("Pass the proteins either as `protein_input_ids` or as `mm_encoder_outputs`, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if self.config.original_compat:
@@ -209,40 +324,33 @@ class SepitModel(SepitPreTrainedModel):
                 inputs_embeds = inputs_embeds.masked_fill(is_pad.unsqueeze(-1), 0.0)
 
         protein_features = None
-        placeholder = input_ids == self.config.protein_token_id if input_ids is not None else None
+        placeholder = self.get_placeholder_mask(input_ids, inputs_embeds)
         if protein_input_ids is not None:
-            if placeholder is None:
-                raise ValueError("`protein_input_ids` need `input_ids`, where `<protein>` tokens mark their places.")
             protein_attention_mask, coords_mask = validate_protein_inputs(
                 protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
             )
+            self._check_structure_attention(coords_mask)
             # Checked before the encoder runs: a mismatch fails at once, naming the fields.
-            pooling = self.config.protein_pooling
-            if self.config.original_compat:
-                tokens = protein_input_ids.numel()
-            else:
-                tokens = int(pooled_counts(protein_attention_mask.sum(-1), pooling).sum())
-            placeholders = int(placeholder.sum())
-            if placeholders != tokens:
-                raise ValueError(
-                    f"`input_ids` hold {placeholders} `<protein>` tokens but the {protein_input_ids.shape[0]} proteins "
-                    f"in `protein_input_ids` give {tokens} protein tokens at protein_pooling={pooling} (ceil(n / "
-                    f"{pooling}) for a protein of n feature positions): build inputs with a SepitProcessor of the "
-                    "same protein_pooling, which expands each `<protein>` to its protein's tokens."
-                )
+            tokens = self._protein_token_counts(protein_input_ids, protein_attention_mask).sum()
+            self._check_placeholder_count(placeholder, tokens, f"the {protein_input_ids.shape[0]} proteins")
             protein_features = self._encode_proteins(
                 protein_input_ids, protein_attention_mask, protein_coords, coords_mask
             )
-            inputs_embeds = inputs_embeds.masked_scatter(
-                placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.dtype)
+        elif precomputed is not None:
+            pieces = precomputed.pooler_output
+            protein_features = torch.cat(list(pieces)) if isinstance(pieces, list | tuple) else pieces
+            self._check_placeholder_count(placeholder, protein_features.shape[0], "mm_encoder_outputs['protein']")
+        elif not (cache is not None and cache.get_seq_length() > 0):
+            # Prompts only: a decoding step (the cache holds the proteins) skips this check.
+            torch_compilable_check(
+                ~placeholder.any(),
+                "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
+                "(SepitProcessor returns them) or remove the `<protein>` tags.",
             )
-        elif placeholder is not None and not (cache is not None and cache.get_seq_length() > 0):
-            # Prompts only: a decoding step (the cache holds the proteins) skips this host sync.
-            if bool(placeholder.any()):
-                raise ValueError(
-                    "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
-                    "(SepitProcessor returns them) or remove the `<protein>` tags."
-                )
+        if protein_features is not None:
+            inputs_embeds = inputs_embeds.masked_scatter(
+                placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
 
         router_logits: list[torch.Tensor] = []
         # The routers sit inside the LLM backbone, whose own output capturing does not know them: record them here.
@@ -272,6 +380,46 @@ class SepitModel(SepitPreTrainedModel):
             router_logits=tuple(router_logits) if output_router_logits else None,
             protein_features=protein_features,
         )
+
+    def _check_placeholder_count(self, placeholder: torch.Tensor, tokens: torch.Tensor | int, source: str) -> None:
+        """The `<protein>` placeholders must number the protein tokens (compile-friendly: no host sync when traced)."""
+        pooling = self.config.protein_pooling
+        torch_compilable_check(
+            placeholder.sum() == tokens,
+            lambda: (
+                f"`input_ids` hold {int(placeholder.sum())} `<protein>` tokens but {source} give {int(tokens)} protein "
+                f"tokens at protein_pooling={pooling} (ceil(n / {pooling}) for a protein of n feature positions): "
+                "build inputs with a SepitProcessor of the same protein_pooling, which expands each `<protein>` to its "
+                "protein's tokens."
+            ),
+        )
+
+
+def keep_feature_layers(protein_model: EsmModel, feature_layer: int) -> None:
+    """Drop the ESM layers above the projected hidden state, with the final layer norm and the contact head: they
+    would be computed on every forward and never used (and DDP would need `find_unused_parameters`). The projected
+    layer's state is then the encoder's last (un-normalised) state. With the top layer projected, nothing is dropped."""
+    layers = protein_model.encoder.layer
+    index = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+    if index < len(layers):
+        protein_model.encoder.layer = layers[:index]
+        protein_model.encoder.emb_layer_norm_after = None
+        protein_model.contact_head = None
+
+
+def unused_protein_weights(config: SepitConfig) -> set[str]:
+    """Patterns of the ESM-2 checkpoint weights `keep_feature_layers` leaves without a module."""
+    layers = config.protein_config.num_hidden_layers
+    feature_layer = config.protein_feature_layer
+    index = feature_layer if feature_layer >= 0 else layers + 1 + feature_layer
+    if index >= layers:
+        return set()
+    dropped = "|".join(str(i) for i in range(index, layers))
+    return {
+        rf"protein_model\.encoder\.layer\.({dropped})\.",
+        r"protein_model\.encoder\.emb_layer_norm_after\.",
+        r"protein_model\.contact_head\.",
+    }
 
 
 def check_checkpoint_folder(folder: Path, needs_config: bool = True) -> None:
@@ -347,8 +495,11 @@ def validate_protein_inputs(
             f"protein_input_ids {shape}"
         )
     if protein_coords is None:
-        if protein_coords_mask is not None and bool(protein_coords_mask.any()):
-            raise ValueError("protein_coords_mask marks residues with coordinates but protein_coords is missing")
+        if protein_coords_mask is not None:
+            torch_compilable_check(
+                ~protein_coords_mask.bool().any(),
+                "protein_coords_mask marks residues with coordinates but protein_coords is missing",
+            )
         return protein_attention_mask, None
     if tuple(protein_coords.shape) != (*shape, 3):
         raise ValueError(
@@ -363,7 +514,7 @@ def validate_protein_inputs(
         )
     coords_mask = protein_coords_mask.bool() & protein_attention_mask.bool()
     bad = coords_mask & ~torch.isfinite(protein_coords).all(-1)
-    if bool(bad.any()):
+    if not is_tracing() and bool(bad.any()):
         protein, position = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"protein_coords has NaN/inf at protein {protein}, position {position} where protein_coords_mask says the "
@@ -395,6 +546,24 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
+    def get_protein_model(self) -> EsmModel:
+        return self.model.protein_model
+
+    def get_protein_features(
+        self,
+        protein_input_ids: torch.LongTensor,
+        protein_attention_mask: torch.Tensor | None = None,
+        protein_coords: torch.Tensor | None = None,
+        protein_coords_mask: torch.Tensor | None = None,
+        return_dict: bool = False,
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
+        """See [`SepitModel.get_protein_features`]."""
+        return self.model.get_protein_features(
+            protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask, return_dict=return_dict
+        )
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -406,6 +575,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         protein_attention_mask: torch.Tensor | None = None,
         protein_coords: torch.FloatTensor | None = None,
         protein_coords_mask: torch.BoolTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
@@ -426,6 +596,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             protein_attention_mask=protein_attention_mask,
             protein_coords=protein_coords,
             protein_coords_mask=protein_coords_mask,
+            mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
             output_router_logits=output_router_logits and moe,
             **kwargs,
@@ -456,11 +627,32 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            # The encoder runs once per request: decoding steps read the proteins from the KV cache.
+        cache = model_inputs.get("cache")
+        cached = cache is not None and cache.get_seq_length() > 0
+        if (not is_first_iteration and kwargs.get("use_cache", True)) or cached:
+            # The encoder runs once per request: decoding steps (and an assisting model's later rounds, which start
+            # from its cache) read the proteins from the KV cache.
             for name in PROTEIN_INPUT_NAMES:
                 model_inputs.pop(name, None)
         return model_inputs
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, never emitting `<protein>` unless `suppress_tokens` says otherwise: a generated
+        placeholder has no protein to splice. An `assistant_model` must itself be a SEPIT model: a plain LLM
+        cannot read the placeholders, and LLaVA-style models refuse it the same way."""
+        assistant = kwargs.get("assistant_model")
+        if assistant is not None and getattr(assistant.config, "model_type", None) != self.config.model_type:
+            if any(kwargs.get(name) is not None for name in PROTEIN_INPUT_NAMES):
+                raise ValueError(
+                    f"assistant_model: a {type(assistant).__name__} cannot read SEPIT's `<protein>` placeholders; "
+                    "assist with a smaller SEPIT model, or use prompt_lookup_num_tokens=... (no assistant model)"
+                )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("suppress_tokens") is None and generation_config.suppress_tokens is None:
+            # A caller's (or saved) `suppress_tokens`, even [], is theirs: the original release could emit `<protein>`,
+            # and `suppress_tokens=[]` reproduces it (the token is then embedded as text).
+            kwargs["suppress_tokens"] = [self.config.protein_token_id]
+        return super().generate(*args, **kwargs)
 
     def upcycle_to_moe(
         self,
@@ -508,21 +700,32 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         """A SEPIT model from an ESM-2 checkpoint and a causal-LM checkpoint (names or paths, as for
         `from_pretrained`), with a fresh structure module and projector.
 
-        Without `protein_token_id`, one embedding row is appended to the LLM vocabulary for `<protein>`; pass
-        `SepitProcessor.protein_token_id` to match a processor (embeddings grow to hold it if needed). Keyword
-        arguments go to `SepitConfig` when they name one of its fields (`protein_pooling`, ...), else to both
-        `from_pretrained` calls (`dtype`, `revision`, `token`, ...).
+        Without `protein_token_id`, `<protein>` gets the id that the LLM's tokenizer gives it once the token is added
+        (what `SepitProcessor.from_pretrained_parts` on the same LLM does), so model and processor agree by
+        construction, also when the LLM's embedding matrix has more rows than its tokenizer has tokens (Qwen2); the
+        embeddings grow to hold the id if needed. Keyword arguments go to `SepitConfig` when they name one of its
+        fields (`protein_pooling`, ...), else to the `from_pretrained` calls (`dtype`, `revision`, `token`, ...).
         """
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         # SEPIT's own fields: the generic ones (`dtype`, ...) are meant for loading.
         config_fields = SepitConfig.__dataclass_fields__.keys() - PreTrainedConfig.__dataclass_fields__
         config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields}
         protein_model = EsmModel.from_pretrained(protein_model_name_or_path, add_pooling_layer=False, **kwargs)
+        keep_feature_layers(protein_model, config_kwargs.get("protein_feature_layer", -2))
         causal_lm = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **kwargs)
         text_config = causal_lm.config
         if protein_token_id is None:
-            protein_token_id = text_config.vocab_size
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **hub_kwargs)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"text_model_name_or_path: no tokenizer loads from {text_model_name_or_path} "
+                    f"({str(error).strip().splitlines()[0]}), so the "
+                    "`<protein>` id cannot be derived: pass protein_token_id=processor.protein_token_id"
+                ) from error
+            protein_token_id = add_protein_token(tokenizer)
         if protein_token_id >= text_config.vocab_size:
             # e.g. the id a SepitProcessor gave `<protein>` when it added the token to the LLM tokenizer
             causal_lm.resize_token_embeddings(protein_token_id + 1, mean_resizing=True)

@@ -12,6 +12,7 @@ The encoder sits under the parameter names of [`SepitForConditionalGeneration`] 
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,13 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.esm.modeling_esm import EsmLMHead
 
 from .configuration_sepit import SepitConfig
-from .modeling_sepit import SepitForConditionalGeneration, SepitModel, SepitPreTrainedModel, validate_protein_inputs
+from .modeling_sepit import (
+    SepitForConditionalGeneration,
+    SepitModel,
+    SepitPreTrainedModel,
+    unused_protein_weights,
+    validate_protein_inputs,
+)
 from .modeling_structure import SepitStructureModule
 from .processing_sepit import to_protein_input
 
@@ -672,9 +679,15 @@ def load_pretrained_encoder(
             f"structure_embedding_scale is {ours} in the model but {theirs} in the stage-0 checkpoint "
             f"{pretrained_model_name_or_path}: build the model with structure_embedding_scale={theirs}"
         )
+    # Stage 0 trains every ESM layer; SEPIT keeps those up to the projected one (`keep_feature_layers`).
+    unused = [re.compile(pattern.removeprefix(r"protein_model\.")) for pattern in unused_protein_weights(target.config)]
     for name in ("protein_model", "structure_module"):
         expected = {key: tuple(value.shape) for key, value in getattr(target, name).state_dict().items()}
-        found = {key: tuple(value.shape) for key, value in getattr(source.model, name).state_dict().items()}
+        found = {
+            key: tuple(value.shape)
+            for key, value in getattr(source.model, name).state_dict().items()
+            if name != "protein_model" or not any(pattern.match(key) for pattern in unused)
+        }
         if expected != found:
             different = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
             raise ValueError(
@@ -683,7 +696,9 @@ def load_pretrained_encoder(
                 f"{[found.get(k) for k in different[:5]]}): build the model from the same ESM-2 checkpoint with the "
                 "stage-0 num_gaussian_kernels"
             )
-        getattr(target, name).load_state_dict(getattr(source.model, name).state_dict())
+        getattr(target, name).load_state_dict(
+            {key: value for key, value in getattr(source.model, name).state_dict().items() if key in expected}
+        )
     return model
 
 

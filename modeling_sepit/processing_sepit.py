@@ -7,13 +7,13 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jinja2
 import numpy as np
-import torch
-from transformers import AddedToken, BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin, TextKwargs
 from transformers.utils import logging
-from transformers.utils.chat_template_utils import render_jinja_template
 
+from .configuration_sepit import PROTEIN_TOKEN, add_protein_token
 from .structure_loading import ProteinStructure, align_structure_to_sequence, check_sequence, load_structure
 
 logger = logging.get_logger(__name__)
@@ -22,19 +22,41 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful biological assistant. You are able to understand the protein that the user provides, and "
     "assist the user with a variety of tasks using natural language."
 )
-# The original SEPIT prompt: Llama-2 `[INST]` turns with its system prompt; `{% generation %}` marks what is trained on.
+# The original SEPIT prompt: Llama-2 `[INST]` turns with its system prompt (`default_system=` replaces it, a leading
+# system message too); `{% generation %}` marks what is trained on. Roles it cannot place are errors, not dropped.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = default_system -%}{%- endif -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- elif default_system is defined -%}{%- set system = default_system -%}"
+    "{%- else -%}{%- set system = '" + DEFAULT_SYSTEM_PROMPT + "' -%}{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ raise_exception('a system message can only come first: the Llama-2 prompt has one system prompt') }}"
+    "{%- elif (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('roles must alternate user/assistant/user/..., starting with user (after an optional "
+    "system message)') }}"
+    "{%- elif message['role'] == 'user' -%}"
     "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}"
     "[INST] {% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
     "{{ message['content'] }} [/INST]"
     "{%- elif message['role'] == 'assistant' -%}"
     "{% generation %} {{ message['content'] }} {{ eos_token }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ raise_exception('role ' + message['role'] + ' is not one this template places (system, user, assistant)') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Tokenizer arguments that would split, pair or re-tokenise the texts, so that the proteins could no longer be placed.
+REFUSED_TEXT_KWARGS = (
+    "text_pair",
+    "text_target",
+    "text_pair_target",
+    "is_split_into_words",
+    "return_overflowing_tokens",
+    "stride",
+    "sanitize_control_tokens",
+    "return_mm_token_type_ids",
 )
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
@@ -122,11 +144,59 @@ def to_protein_input(protein: object, where: str = "protein") -> ProteinInput:
     )
 
 
+def split_protein_items(conversation: object, where: str = "conversation") -> tuple[list[dict], list[dict]]:
+    """Chat messages with plain-string contents, and the proteins their typed contents held, in order.
+
+    A content is a string (with `<protein>` tags where proteins go) or, as in transformers' multimodal chats, a list
+    of items `{"type": "text", "text": ...}` and `{"type": "protein", "sequence" | "structure" (+ "chain") |
+    "coords" (+ "coords_mask"): ...}`; items are joined with single spaces, each protein item becoming a `<protein>`
+    tag, so that any chat template (which may only render string contents) places them. Keys holding None are
+    ignored (a `datasets` column of items stores every key of every item type)."""
+    if not isinstance(conversation, list | tuple) or not conversation:
+        raise ValueError(f"{where}: give a non-empty list of {{'role', 'content'}} messages")
+    messages, proteins = [], []
+    for j, message in enumerate(conversation):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}[{j}]: a message is a dict with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{where}[{j}].role={role!r} is not a chat role; use one of {', '.join(CHAT_ROLES)}")
+        if isinstance(content, list | tuple):
+            parts = []
+            for k, item in enumerate(content):
+                item = (
+                    {key: value for key, value in item.items() if value is not None} if isinstance(item, dict) else {}
+                )
+                kind = item.pop("type", None)
+                if kind == "text" and isinstance(item.get("text"), str):
+                    parts.append(item["text"])
+                elif kind == "protein":
+                    proteins.append(item)
+                    parts.append(PROTEIN_TOKEN)
+                else:
+                    raise ValueError(
+                        f"{where}[{j}].content[{k}]: items are {{'type': 'text', 'text': str}} or {{'type': 'protein', "
+                        f"'sequence' | 'structure' | 'coords': ...}}, got type {kind!r} (a protein model reads no "
+                        "images, video or audio)"
+                    )
+            content = " ".join(parts)
+        if not isinstance(content, str) or (role == "user" and not content.strip()):
+            raise ValueError(
+                f"{where}[{j}]: {role} content must be a string or a list of text/protein items, non-empty for a user "
+                "question"
+            )
+        messages.append({**message, "content": content})
+    return messages, proteins
+
+
 class SepitProcessor(ProcessorMixin):
     r"""
-    Builds SEPIT inputs. Each `<protein>` in the text is expanded into one placeholder per feature position of its
-    protein (`<cls>`, residues, `<eos>`), or per group of `protein_pooling` positions, so `input_ids` have their final
-    length.
+    Builds SEPIT inputs as transformers' multimodal processors do (LLaVA's `<image>`): each `<protein>` tag in the text
+    is expanded to one placeholder per feature position of its protein (`<cls>`, residues, `<eos>`), or per group of
+    `protein_pooling` positions, and the expanded text is then tokenised by the LLM tokenizer with the caller's
+    arguments, so `padding`, `truncation`, `max_length`, `pad_to_multiple_of`, `padding_side`, `add_special_tokens` and
+    `return_tensors` mean exactly what they mean for the tokenizer. Truncation that would cut into (or drop) a
+    protein's placeholders is refused with a ValueError.
 
     Args:
         tokenizer: the LLM tokenizer (gets the `<protein>` token if it lacks it).
@@ -151,20 +221,16 @@ class SepitProcessor(ProcessorMixin):
         protein_pooling: int = 1,
         **kwargs,
     ):
-        self.protein_token = "<protein>"
-        if tokenizer is not None and tokenizer.convert_tokens_to_ids(self.protein_token) in (
-            None,
-            tokenizer.unk_token_id,
-        ):
-            tokenizer.add_tokens([AddedToken(self.protein_token, normalized=False, special=True)], special_tokens=True)
+        self.protein_token = PROTEIN_TOKEN
+        if tokenizer is not None:
+            add_protein_token(tokenizer)
         self.max_protein_length = max_protein_length
         self.original_compat = original_compat
         self.protein_padding_length = protein_padding_length
         self.protein_pooling = protein_pooling
-        if not isinstance(max_protein_length, int) or max_protein_length < 1:
-            raise ValueError(f"max_protein_length must be an integer >= 1 (residues kept), got {max_protein_length!r}")
-        if protein_pooling < 1:
-            raise ValueError(f"protein_pooling must be >= 1 (1: one placeholder per position), got {protein_pooling}")
+        for name, value in (("max_protein_length", max_protein_length), ("protein_pooling", protein_pooling)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if original_compat and protein_pooling != 1:
             raise ValueError(
                 f"protein_pooling={protein_pooling} needs original_compat=False: converted original checkpoints take "
@@ -231,38 +297,69 @@ class SepitProcessor(ProcessorMixin):
             return ProteinInput(protein.sequence[cut])
         return ProteinInput(protein.sequence[cut], protein.coords[cut], protein.coords_mask[cut])
 
-    def _protein_tensors(self, proteins: list[ProteinInput]) -> dict[str, torch.Tensor]:
+    def _protein_arrays(self, proteins: list[ProteinInput]) -> dict[str, np.ndarray]:
         padding = {"padding": True}
         if self.protein_padding_length is not None:
             padding = {"padding": "max_length", "max_length": self.protein_padding_length}
         encoded = self.protein_tokenizer(
-            [p.sequence for p in proteins], add_special_tokens=True, return_tensors="pt", **padding
+            [p.sequence for p in proteins], add_special_tokens=True, return_tensors="np", **padding
         )
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        tensors = {"protein_input_ids": ids, "protein_attention_mask": mask}
+        ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+        arrays = {"protein_input_ids": ids, "protein_attention_mask": mask}
         if any(p.coords is not None for p in proteins):
-            coords = torch.zeros((*ids.shape, 3))
-            coords_mask = torch.zeros(ids.shape, dtype=torch.bool)
+            coords = np.zeros((*ids.shape, 3), dtype=np.float32)
+            coords_mask = np.zeros(ids.shape, dtype=bool)
             for i, protein in enumerate(proteins):
                 if protein.coords is not None:
                     # Position 0 is <cls>: residues sit at 1..L.
-                    coords[i, 1 : 1 + len(protein.sequence)] = torch.from_numpy(protein.coords)
-                    coords_mask[i, 1 : 1 + len(protein.sequence)] = torch.from_numpy(protein.coords_mask)
-            tensors.update(protein_coords=coords, protein_coords_mask=coords_mask)
-        return tensors
+                    coords[i, 1 : 1 + len(protein.sequence)] = protein.coords
+                    coords_mask[i, 1 : 1 + len(protein.sequence)] = protein.coords_mask
+            arrays.update(protein_coords=coords, protein_coords_mask=coords_mask)
+        return arrays
+
+    def _expand_tags(self, texts: list[str], widths: list[int]) -> tuple[list[str], list[list[dict]]]:
+        """Each `<protein>` repeated once per placeholder of its protein, and where each tag went (transformers'
+        `text_replacement_offsets`, which `apply_chat_template` uses to place assistant masks)."""
+        tag, counts = self.protein_token, iter(widths)
+        expanded, offsets = [], []
+        for text in texts:
+            pieces, replacements, last, gained = [], [], 0, 0
+            for match in re.finditer(re.escape(tag), text):
+                start, end = match.span()
+                replacement = tag * next(counts)
+                pieces += [text[last:start], replacement]
+                new_start = start + gained
+                replacements.append(
+                    {
+                        "type": "protein",
+                        "span": (start, end),
+                        "new_span": (new_start, new_start + len(replacement)),
+                        "text": tag,
+                        "replacement": replacement,
+                    }
+                )
+                gained += len(replacement) - len(tag)
+                last = end
+            expanded.append("".join([*pieces, text[last:]]))
+            offsets.append(replacements)
+        return expanded, offsets
 
     def __call__(
         self,
         text: str | list[str] | None = None,
         proteins: object = None,
-        padding_side: str | None = None,
-        return_tensors: str = "pt",
-        assistant_spans: list[list[tuple[int, int]]] | None = None,
+        images: object = None,
+        videos: object = None,
+        audio: object = None,
         **kwargs,
     ) -> BatchFeature:
-        """Tokenise `text` (with `<protein>` tags) and `proteins`. With `assistant_spans` (character spans per text,
-        as `apply_chat_template` computes them) `labels` cover those spans only."""
-        if text is None or (isinstance(text, list) and not text):
+        """Tokenise `text` (with `<protein>` tags) and `proteins` (one per tag: a list per text, or a flat list in tag
+        order). Tokenizer arguments, flat or as `text_kwargs={...}`, are applied to the expanded text. Returns
+        `input_ids`, `attention_mask` and the protein tensors (`return_tensors`: "pt" by default, "np", or None)."""
+        for name, value in (("images", images), ("videos", videos), ("audio", audio)):
+            if value is not None:
+                raise ValueError(f"{name}: SEPIT reads proteins (sequence, structure file or coordinates), not {name}")
+        if text is None or (isinstance(text, list | tuple) and not text):
             raise ValueError("text: no question given; pass a string (or list of strings) with `<protein>` tags")
         if not isinstance(text, str | list | tuple):
             raise ValueError(f"text: got {type(text).__name__}; pass a string (or list of strings) with <protein> tags")
@@ -270,105 +367,111 @@ class SepitProcessor(ProcessorMixin):
         for i, item in enumerate(texts):
             if not isinstance(item, str) or not item.strip():
                 raise ValueError(f"text[{i}]: empty question or not a string; give the question as a non-empty string")
-        if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r}: SEPIT returns PyTorch tensors only ('pt')")
-        padding_side = padding_side or self.tokenizer.padding_side
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' (generation) or 'right' (training), got {padding_side!r}")
+        allowed = {*TextKwargs.__annotations__, "text_kwargs", "common_kwargs", "return_text_replacement_offsets"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{unknown}: not arguments of SepitProcessor; it takes text, proteins and the LLM tokenizer's "
+                "arguments (padding, truncation, max_length, pad_to_multiple_of, padding_side, add_special_tokens, "
+                "return_tensors, ...)"
+            )
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = merged["text_kwargs"]
+        refused = [name for name in REFUSED_TEXT_KWARGS if text_kwargs.get(name) not in (None, False)]
+        if refused:
+            raise ValueError(f"{refused}: not supported by SepitProcessor (each text must stay one sequence)")
+        return_offsets = bool(text_kwargs.pop("return_text_replacement_offsets", None))
+        return_offsets = return_offsets or bool(merged.get("return_text_replacement_offsets"))
+        return_tensors = text_kwargs.pop("return_tensors", "pt")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors={return_tensors!r}: SEPIT returns 'pt' (default), 'np' or None (lists)")
+
         groups = self._proteins_per_text(texts, proteins)
         flat = [protein for group in groups for protein in group]
-        protein_tensors = self._protein_tensors(flat) if flat else {}
+        arrays = self._protein_arrays(flat) if flat else {}
         if flat and self.original_compat:
-            widths = [protein_tensors["protein_input_ids"].shape[1]] * len(flat)
-        elif flat:
-            positions = protein_tensors["protein_attention_mask"].sum(-1)
+            widths = [arrays["protein_input_ids"].shape[1]] * len(flat)
+        else:
+            positions = arrays["protein_attention_mask"].sum(-1) if flat else np.zeros(0, dtype=np.int64)
             widths = (-(-positions // self.protein_pooling)).tolist()  # ceil(n / k), as the model pools
+        expanded, offsets = self._expand_tags(texts, widths)
+        encoded = self.tokenizer(expanded, **text_kwargs)
+        self._check_placeholders(encoded["input_ids"], groups, widths, text_kwargs)
+        data = dict(encoded)
+        if return_tensors is None:
+            data.update({name: array.tolist() for name, array in arrays.items()})
+        else:
+            data.update(arrays)
+        if return_offsets:
+            data["text_replacement_offsets"] = offsets
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-        encoded = self.tokenizer(
-            texts, add_special_tokens=True, return_offsets_mapping=assistant_spans is not None, **kwargs
-        )
-        protein_id = self.protein_token_id
-        rows, width_iter = [], iter(widths if flat else [])
-        for i, ids in enumerate(encoded["input_ids"]):
-            labels = [-100] * len(ids)
-            if assistant_spans is not None:
-                for t, (start, end) in enumerate(encoded["offset_mapping"][i]):
-                    if end > start and any(s <= start and end <= e for s, e in assistant_spans[i]):
-                        labels[t] = ids[t]
-            row_ids, row_labels = [], []
-            for token, label in zip(ids, labels, strict=True):
-                repeat = next(width_iter) if token == protein_id else 1
-                row_ids += [token] * repeat
-                row_labels += [label if token != protein_id else -100] * repeat
-            rows.append((row_ids, row_labels))
-
-        longest = max(len(ids) for ids, _ in rows)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((len(rows), longest), pad_id)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        labels = torch.full((len(rows), longest), -100)
-        for i, (ids, row_labels) in enumerate(rows):
-            span = slice(longest - len(ids), longest) if padding_side == "left" else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids)
-            attention_mask[i, span] = 1
-            labels[i, span] = torch.tensor(row_labels)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, **protein_tensors}
-        if assistant_spans is not None:
-            data["labels"] = labels
-        return BatchFeature(data)
+    def _check_placeholders(
+        self, input_ids: list[list[int]], groups: list[list[ProteinInput]], widths: list[int], text_kwargs: dict
+    ) -> None:
+        """Every protein's placeholder run must survive tokenisation whole; truncation that cuts into it is refused
+        (the model would get features for positions that are no longer there)."""
+        protein_id, start = self.protein_token_id, 0
+        for i, (ids, group) in enumerate(zip(input_ids, groups, strict=True)):
+            expected = sum(widths[start : start + len(group)])
+            start += len(group)
+            found = list(ids).count(protein_id)
+            if found != expected:
+                limit = text_kwargs.get("max_length") or self.tokenizer.model_max_length
+                raise ValueError(
+                    f"text[{i}]: truncation (max_length={limit}, truncation_side={self.tokenizer.truncation_side!r}) "
+                    f"keeps {found} of its {expected} `<protein>` placeholders; raise max_length, shorten the text "
+                    "around the proteins, or lower max_protein_length (truncation never cuts a protein)"
+                )
 
     def apply_chat_template(
         self,
         conversation: list[dict] | list[list[dict]],
-        proteins: object = None,
-        add_generation_prompt: bool = False,
-        tokenize: bool = True,
         chat_template: str | None = None,
+        proteins: object = None,
         **kwargs,
-    ) -> BatchFeature | str | list[str]:
-        """Render chat messages (contents may hold `<protein>` tags) and tokenise them with `proteins`. Without a
-        generation prompt, `labels` cover the assistant turns only; with one, padding is on the left."""
-        batched = bool(conversation) and isinstance(conversation[0], list)
-        conversations = conversation if batched else [conversation]
+    ) -> BatchFeature | str | list[str] | list[int] | list[list[int]]:
+        """transformers' `ProcessorMixin.apply_chat_template` (same arguments and defaults: `tokenize=False`,
+        `return_dict=False`, `add_generation_prompt`, `continue_final_message`, `return_assistant_tokens_mask`,
+        extra template variables, `processor_kwargs`), for chats whose contents are strings with `<protein>` tags
+        (proteins then given as `proteins=`, one per tag) or lists of text and protein items (see
+        `split_protein_items`)."""
+        batched = isinstance(conversation, list | tuple) and bool(conversation) and isinstance(conversation[0], list)
+        conversations = list(conversation) if batched else [conversation]
+        flattened, item_proteins = [], []
         for i, chat in enumerate(conversations):
-            if not chat or not all(isinstance(m, dict) and "role" in m and "content" in m for m in chat):
-                raise ValueError(f"conversation[{i}]: give a non-empty list of {{'role', 'content'}} messages")
-            for j, message in enumerate(chat):
-                content = message["content"]
-                if not isinstance(content, str) or (message["role"] == "user" and not content.strip()):
-                    raise ValueError(
-                        f"conversation[{i}][{j}]: {message['role']} content must be a string, non-empty for a user "
-                        "question"
-                    )
-        template = chat_template or self.chat_template
-        if not add_generation_prompt and tokenize and not GENERATION_TAG.search(template):
-            raise ValueError(
-                "chat_template: training inputs need `{% generation %}` ... `{% endgeneration %}` around assistant "
-                "replies to place labels; this template has none (use the default template or add the tags)"
-            )
-        rendered, spans = render_jinja_template(
-            conversations,
-            chat_template=template,
-            return_assistant_tokens_mask=True,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.tokenizer.bos_token or "",
-            eos_token=self.tokenizer.eos_token or "",
-            default_system=DEFAULT_SYSTEM_PROMPT,
-        )
-        if not tokenize:
-            return rendered if batched else rendered[0]
-        if proteins is not None and not batched:
+            messages, found = split_protein_items(chat, f"conversation[{i}]" if batched else "conversation")
+            flattened.append(messages)
+            item_proteins.append(found)
+        if any(item_proteins):
+            if proteins is not None:
+                raise ValueError("proteins: given both as protein items in the messages and as proteins=; use one")
+            proteins = item_proteins
+        elif proteins is not None and not batched:
             proteins = [proteins if isinstance(proteins, list) else [proteins]]
-        kwargs.setdefault("padding_side", "left" if add_generation_prompt else "right")
-        return self(
-            text=rendered, proteins=proteins, assistant_spans=None if add_generation_prompt else spans, **kwargs
-        )
+        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        if proteins is not None:
+            processor_kwargs["proteins"] = proteins
+        try:
+            return super().apply_chat_template(
+                flattened if batched else flattened[0],
+                chat_template=chat_template,
+                processor_kwargs=processor_kwargs,
+                **kwargs,
+            )
+        except jinja2.TemplateError as error:
+            raise ValueError(f"conversation: {error}") from error
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args, **kwargs) -> str:
         return self.tokenizer.decode(*args, **kwargs)
+
+    def get_data_collator(self, structure_dropout: float = 0.15, seed: int | None = None) -> "SepitDataCollator":
+        """The training collator for this processor: reachable from any folder the processor loads from (also with
+        `trust_remote_code`), for `Trainer(data_collator=processor.get_data_collator())`."""
+        return SepitDataCollator(self, structure_dropout=structure_dropout, seed=seed)
 
     @classmethod
     def from_pretrained_parts(
@@ -385,13 +488,20 @@ class SepitProcessor(ProcessorMixin):
 
 
 class SepitDataCollator:
-    """Training batches from examples `{"messages": [...], "proteins": [...]}` (or dataset rows with `messages`,
-    `sequence`, `coords`, `coords_mask`): right-padded, labels on assistant turns, and each protein's structure dropped
-    with probability `structure_dropout` (SEPIT stage 1: 0.15)."""
+    """Training batches from examples `{"messages": [...], "proteins": [...]}`, messages with protein items, or dataset
+    rows with `messages`, `sequence`, `coords`, `coords_mask`: right-padded, `labels` on assistant turns only (the chat
+    template's `{% generation %}` spans), and each protein's structure dropped with probability `structure_dropout`
+    (SEPIT stage 1: 0.15)."""
 
     def __init__(self, processor: SepitProcessor, structure_dropout: float = 0.15, seed: int | None = None):
         if not 0.0 <= structure_dropout <= 1.0:
             raise ValueError(f"structure_dropout must be in [0, 1], got {structure_dropout}")
+        template = processor.chat_template if isinstance(processor.chat_template, str) else ""
+        if not GENERATION_TAG.search(template):
+            raise ValueError(
+                "chat_template: training batches need `{% generation %}` ... `{% endgeneration %}` around assistant "
+                "replies to place labels; this template has none (use the default template or add the tags)"
+            )
         self.processor = processor
         self.structure_dropout = structure_dropout
         self.seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
@@ -417,12 +527,31 @@ class SepitDataCollator:
         return []
 
     def __call__(self, examples: Sequence[dict]) -> BatchFeature:
-        conversations = [example["messages"] for example in examples]
-        proteins = [
-            [self._maybe_drop(p, f"{i}:{example['messages']}") for i, p in enumerate(self._proteins(example))]
-            for example in examples
-        ]
-        return self.processor.apply_chat_template(conversations, proteins=proteins, padding_side="right")
+        conversations, proteins = [], []
+        for i, example in enumerate(examples):
+            messages, items = split_protein_items(example.get("messages"), f"examples[{i}].messages")
+            key = str(example["messages"])
+            conversations.append(messages)
+            proteins.append([self._maybe_drop(p, f"{k}:{key}") for k, p in enumerate(items or self._proteins(example))])
+        batch = self.processor.apply_chat_template(
+            conversations,
+            proteins=proteins,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "right"},
+        )
+        assistant = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
+        assistant &= batch["input_ids"] != self.processor.protein_token_id
+        empty = (~assistant.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"examples{empty}: no assistant reply to train on (every label would be -100); each training "
+                "conversation needs an assistant message with text"
+            )
+        batch["labels"] = batch["input_ids"].masked_fill(~assistant, -100)
+        return batch
 
 
-__all__ = ["ProteinInput", "SepitDataCollator", "SepitProcessor", "to_protein_input"]
+__all__ = ["ProteinInput", "SepitDataCollator", "SepitProcessor", "split_protein_items", "to_protein_input"]

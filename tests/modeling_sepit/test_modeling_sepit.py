@@ -6,9 +6,19 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, EsmModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    EsmModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from modeling_sepit import SepitConfig, SepitForConditionalGeneration
+from modeling_sepit import SepitConfig, SepitForConditionalGeneration, SepitProcessor
 from tests.conftest import PAD_ID, PROTEIN_TOKEN_ID, pad, prompt_ids, protein_batch, run_in_fresh_python, tiny_config
 
 
@@ -22,10 +32,31 @@ def feature_counts(batch: dict) -> list[int]:
     return batch["protein_attention_mask"].sum(-1).tolist()
 
 
+ESM_LAYER_PARTS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "LayerNorm",
+)
+
+
 def test_without_coordinates_the_encoder_is_plain_esm2(model, real_proteins, protein_tokenizer):
     batch = protein_batch(real_proteins, protein_tokenizer, with_coords=False)
     plain = EsmModel(model.config.protein_config, add_pooling_layer=False).eval()
-    plain.load_state_dict(model.model.protein_model.state_dict())
+    result = plain.load_state_dict(model.model.protein_model.state_dict(), strict=False)
+    # SEPIT keeps the ESM layers up to the projected one (-2): the top layer, final norm and contact head are unused.
+    top = model.config.protein_config.num_hidden_layers - 1
+    assert not result.unexpected_keys and {
+        key.split(".weight")[0].split(".bias")[0] for key in result.missing_keys
+    } == {
+        *(f"encoder.layer.{top}.{name}" for name in ESM_LAYER_PARTS),
+        "encoder.emb_layer_norm_after",
+        "contact_head.regression",
+    }
     with torch.no_grad():
         ours = model.model.get_protein_features(**batch)
         hidden = plain(
@@ -186,17 +217,33 @@ def test_remote_code_load_in_a_fresh_process(model, real_proteins, protein_token
         assert torch.equal(remote, model(**inputs).logits)
 
 
-def test_from_pretrained_parts_loads_both_checkpoints(tmp_path):
+def word_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """A word-level LLM tokenizer of `size` tokens (ids 0-2: <unk>, <s>, </s>)."""
+    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(size - 3))]
+    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize(
+    "tokens, protein_id, vocab_size",
+    [(100, 100, 101), (40, 40, 100)],  # 40: the LLM has more embedding rows than tokens, as Qwen2 checkpoints do
+)
+def test_from_pretrained_parts_loads_both_checkpoints(tmp_path, protein_tokenizer, tokens, protein_id, vocab_size):
     torch.manual_seed(0)
     config = tiny_config()
     esm = EsmModel(config.protein_config, add_pooling_layer=False)
     esm.save_pretrained(tmp_path / "esm")
+    protein_tokenizer.save_pretrained(tmp_path / "esm")
     llm = LlamaForCausalLM(LlamaConfig(**config.text_config.to_dict()))
     llm.save_pretrained(tmp_path / "llm")
+    word_tokenizer(tokens).save_pretrained(tmp_path / "llm")
     model = SepitForConditionalGeneration.from_pretrained_parts(
         str(tmp_path / "esm"), str(tmp_path / "llm"), num_gaussian_kernels=8, protein_pooling=2
     )
-    assert model.config.protein_token_id == 100 and model.config.text_config.vocab_size == 101
+    processor = SepitProcessor.from_pretrained_parts(str(tmp_path / "esm"), str(tmp_path / "llm"), protein_pooling=2)
+    assert model.config.protein_token_id == processor.protein_token_id == protein_id
+    assert model.config.text_config.vocab_size == vocab_size
     assert model.config.num_gaussian_kernels == 8 and model.config.protein_pooling == 2
     assert torch.equal(
         model.model.protein_model.encoder.layer[0].attention.self.query.weight,
@@ -204,9 +251,11 @@ def test_from_pretrained_parts_loads_both_checkpoints(tmp_path):
     )
     assert torch.equal(model.lm_head.weight[:100], llm.lm_head.weight)
     assert not any(p.is_meta for p in model.parameters())
+    inputs = processor(text="w1 w2 <protein> w3", proteins="MKTAYIAKQR")
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
     model.save_pretrained(tmp_path / "sepit")
     reloaded = SepitForConditionalGeneration.from_pretrained(tmp_path / "sepit").config
-    assert reloaded.protein_token_id == 100 and reloaded.protein_pooling == 2
+    assert reloaded.protein_token_id == protein_id and reloaded.protein_pooling == 2
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])

@@ -346,8 +346,10 @@ def test_stage1_from_pretrained_parts_loads_in_the_requested_dtype(tmp_path):
     config = tiny_config()
     EsmModel(config.protein_config, add_pooling_layer=False).save_pretrained(tmp_path / "esm")
     LlamaForCausalLM(LlamaConfig(**config.text_config.to_dict())).save_pretrained(tmp_path / "llm")
+    with pytest.raises(ValueError, match="no tokenizer loads from .* pass protein_token_id"):
+        SepitForConditionalGeneration.from_pretrained_parts(tmp_path / "esm", tmp_path / "llm")
     model = SepitForConditionalGeneration.from_pretrained_parts(
-        tmp_path / "esm", tmp_path / "llm", dtype=torch.bfloat16, num_gaussian_kernels=8
+        tmp_path / "esm", tmp_path / "llm", dtype=torch.bfloat16, num_gaussian_kernels=8, protein_token_id=99
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.num_gaussian_kernels == 8

@@ -41,13 +41,19 @@ def test_the_llm_tokenizers_own_chat_template_can_be_used(processor, real_protei
     text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, chat_template=CHATML)
     assert text == "<|im_start|>user\nWhat is <protein> ?<|im_end|>\n<|im_start|>assistant\n"
     out = processor.apply_chat_template(
-        chat, proteins=[real_proteins[2][0]], add_generation_prompt=True, chat_template=CHATML
+        chat,
+        proteins=[real_proteins[2][0]],
+        add_generation_prompt=True,
+        chat_template=CHATML,
+        tokenize=True,
+        return_dict=True,
     )
     assert (out["input_ids"] == processor.protein_token_id).sum() == len(real_proteins[2][0]) + 2
+    chatml = SepitProcessor(
+        tokenizer=processor.tokenizer, protein_tokenizer=processor.protein_tokenizer, chat_template=CHATML
+    )
     with pytest.raises(ValueError, match="generation"):
-        processor.apply_chat_template(
-            chat + [{"role": "assistant", "content": "x"}], proteins=["MKT"], chat_template=CHATML
-        )
+        chatml.get_data_collator()
 
 
 def test_each_protein_tag_expands_to_its_feature_positions(processor, real_proteins):
@@ -55,6 +61,7 @@ def test_each_protein_tag_expands_to_its_feature_positions(processor, real_prote
     out = processor(
         text=["What is <protein> ?", "Compare <protein> with <protein> ."],
         proteins=[[{"sequence": lysozyme, "coords": ca.numpy()}], [headpiece, lysozyme]],
+        padding=True,
         padding_side="right",
     )
     placeholders = (out["input_ids"] == processor.protein_token_id).sum(-1).tolist()
@@ -68,28 +75,37 @@ def test_each_protein_tag_expands_to_its_feature_positions(processor, real_prote
 
 def test_flat_protein_list_is_consumed_in_tag_order(processor, real_proteins):
     sequences = [sequence for sequence, _ in real_proteins]
-    nested = processor(text=["<protein> and <protein>", "<protein>"], proteins=[sequences[:2], sequences[2:]])
-    flat = processor(text=["<protein> and <protein>", "<protein>"], proteins=sequences)
+    texts = ["<protein> and <protein>", "<protein>"]
+    nested = processor(text=texts, proteins=[sequences[:2], sequences[2:]], padding=True)
+    flat = processor(text=texts, proteins=sequences, padding=True)
     for key in nested:
         assert torch.equal(nested[key], flat[key])
 
 
-def test_generation_prompt_pads_left_and_training_labels_cover_the_assistant_turn(processor, real_proteins):
+GENERATION = {"add_generation_prompt": True, "tokenize": True, "return_dict": True}
+
+
+def test_generation_prompts_pad_as_asked_and_the_collator_labels_the_assistant_turn(processor, real_proteins):
     sequence = real_proteins[2][0]
     chat = [{"role": "user", "content": "What is the function of <bop><protein><eop> ?"}]
-    prompt = processor.apply_chat_template(
-        [chat, chat[:1]], proteins=[[sequence], [sequence]], add_generation_prompt=True
-    )
+    prompt = processor.apply_chat_template([chat, chat[:1]], proteins=[[sequence], [sequence]], **GENERATION)
     assert "labels" not in prompt and processor.tokenizer.padding_side == "right"
     answer = "It binds ubiquitin and marks proteins for degradation ."
-    train = processor.apply_chat_template(chat + [{"role": "assistant", "content": answer}], proteins=[sequence])
+    train = processor.get_data_collator()(
+        [{"messages": chat + [{"role": "assistant", "content": answer}], "proteins": [sequence]}]
+    )
     labelled = train["labels"][train["labels"] != -100]
     expected = processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
     assert labelled.tolist() == expected
     short = processor.apply_chat_template(
-        [chat, chat], proteins=[[sequence], [real_proteins[1][0]]], add_generation_prompt=True
+        [chat, chat],
+        proteins=[[sequence], [real_proteins[1][0]]],
+        processor_kwargs={"padding": True, "padding_side": "left"},
+        **GENERATION,
     )
     assert short["attention_mask"][0, 0] == 0 and short["attention_mask"][0, -1] == 1  # left padding
+    with pytest.raises(ValueError, match="padding=True"):  # the tokenizer's own refusal of ragged tensors
+        processor.apply_chat_template([chat, chat], proteins=[[sequence], [real_proteins[1][0]]], **GENERATION)
 
 
 def test_structure_file_and_alignment_to_the_full_sequence(processor):
@@ -219,13 +235,15 @@ def pooled_lengths(processor: SepitProcessor, proteins: list[list[str]], pooling
 def test_pooling_expands_each_tag_to_ceil_n_over_k(processor, real_proteins, pooling):
     (lysozyme, ca), (headpiece, _) = real_proteins[0], real_proteins[1]
     proteins = [[{"sequence": lysozyme, "coords": ca.numpy()}], [headpiece, lysozyme]]
-    pooled = pooling_processor(processor, pooling)(text=POOLING_TEXTS, proteins=proteins, padding_side="right")
+    pooled = pooling_processor(processor, pooling)(
+        text=POOLING_TEXTS, proteins=proteins, padding=True, padding_side="right"
+    )
     tokens = [math.ceil((len(lysozyme) + 2) / pooling), math.ceil((len(headpiece) + 2) / pooling)]
     placeholders = (pooled["input_ids"] == processor.protein_token_id).sum(-1).tolist()
     assert placeholders == [tokens[0], tokens[1] + tokens[0]]
     lengths = pooled_lengths(processor, [[lysozyme], [headpiece, lysozyme]], pooling)
     assert pooled["attention_mask"].sum(-1).tolist() == lengths
-    full = processor(text=POOLING_TEXTS, proteins=proteins, padding_side="right")
+    full = processor(text=POOLING_TEXTS, proteins=proteins, padding=True, padding_side="right")
     for name in ("protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coords_mask"):
         assert torch.equal(pooled[name], full[name])  # the model pools: the protein tensors are unchanged
 
@@ -240,8 +258,8 @@ def test_a_pooled_model_takes_pooled_inputs_and_rejects_mismatched_ones(processo
         return SepitForConditionalGeneration(config).eval()
 
     sequences = [[real_proteins[0][0]], [real_proteins[1][0], real_proteins[2][0]]]
-    pooled = pooling_processor(processor, 2)(text=POOLING_TEXTS, proteins=sequences)
-    full = processor(text=POOLING_TEXTS, proteins=sequences)
+    pooled = pooling_processor(processor, 2)(text=POOLING_TEXTS, proteins=sequences, padding=True)
+    full = processor(text=POOLING_TEXTS, proteins=sequences, padding=True)
     model = model_with(2)
     with torch.no_grad():
         logits = model(**pooled).logits
@@ -267,3 +285,166 @@ def test_protein_pooling_survives_save_and_load(processor, tmp_path):
 def test_bad_protein_pooling_is_rejected(processor, overrides):
     with pytest.raises(ValueError, match="protein_pooling"):
         SepitProcessor(tokenizer=processor.tokenizer, protein_tokenizer=processor.protein_tokenizer, **overrides)
+
+
+TEXTS = ["What is it ?", "Is this protein an enzyme that binds zinc in the nucleus ?", "Where ?"]
+TOKENIZER_SETTINGS = [
+    {},
+    {"padding": True},
+    {"padding": "longest", "padding_side": "left"},
+    {"padding": "max_length", "max_length": 24},
+    {"padding": True, "pad_to_multiple_of": 8},
+    {"padding": True, "truncation": True, "max_length": 6},
+    {"padding": "max_length", "truncation": True, "max_length": 10, "padding_side": "left"},
+    {"padding": True, "add_special_tokens": False},
+    {"padding": True, "return_attention_mask": False},
+]
+
+
+@pytest.mark.parametrize("settings", TOKENIZER_SETTINGS)
+@pytest.mark.parametrize("return_tensors", [None, "np", "pt"])
+def test_text_only_inputs_equal_the_llm_tokenizers(processor, settings, return_tensors):
+    if return_tensors is not None and not settings.get("padding"):
+        texts = TEXTS[:1]  # unpadded rows of different lengths cannot be stacked (the tokenizer refuses too)
+    else:
+        texts = TEXTS
+    ours = processor(text=texts, return_tensors=return_tensors, **settings)
+    theirs = processor.tokenizer(texts, return_tensors=return_tensors, **settings)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        if return_tensors is None:
+            assert ours[key] == theirs[key], key
+        else:
+            assert np.array_equal(np.asarray(ours[key]), np.asarray(theirs[key])), key
+
+
+@pytest.mark.parametrize("settings", TOKENIZER_SETTINGS[1:5] + TOKENIZER_SETTINGS[7:])
+def test_text_around_proteins_is_tokenised_as_the_llm_tokenizer_does(processor, real_proteins, settings):
+    """Each `<protein>` becomes its run of placeholders and everything else is the tokenizer's own output for the
+    expanded text, padding and special tokens included."""
+    sequences = [real_proteins[2][0], real_proteins[1][0], real_proteins[2][0]]
+    texts = [f"{text} <protein>" for text in TEXTS]
+    if settings.get("padding") == "max_length":
+        settings = {**settings, "max_length": 80}
+    ours = processor(text=texts, proteins=sequences, **settings)
+    expanded = [
+        text.replace("<protein>", "<protein>" * (len(sequence) + 2))
+        for text, sequence in zip(texts, sequences, strict=True)
+    ]
+    theirs = processor.tokenizer(expanded, return_tensors="pt", **settings)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    if "attention_mask" in ours:
+        pad = ours["input_ids"] == processor.tokenizer.pad_token_id
+        assert not ours["attention_mask"][pad & (ours["input_ids"] != processor.tokenizer.eos_token_id)].any()
+
+
+def test_truncation_keeps_whole_proteins_or_refuses(processor, real_proteins):
+    sequence = real_proteins[2][0]  # 26 residues: 28 placeholders
+    text = "<protein> What is the function of this protein in the cell ?"
+    full = processor(text=text, proteins=sequence)
+    kept = processor(text=text, proteins=sequence, truncation=True, max_length=31)
+    assert kept["input_ids"].shape[1] == 31 and torch.equal(kept["input_ids"][0], full["input_ids"][0, :31])
+    with pytest.raises(ValueError, match=r"keeps 20 of its 28 `<protein>` placeholders"):
+        processor(text=text, proteins=sequence, truncation=True, max_length=21)
+    with pytest.raises(ValueError, match="truncation_side='left'"):
+        processor.tokenizer.truncation_side = "left"
+        try:
+            processor(text=text, proteins=sequence, truncation=True, max_length=31)
+        finally:
+            processor.tokenizer.truncation_side = "right"
+
+
+def test_typed_content_with_protein_items_equals_tags_with_proteins(processor, real_proteins):
+    sequence, ca = real_proteins[1]
+    typed = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is"},
+                {"type": "protein", "sequence": sequence, "coords": ca.numpy(), "structure": None},
+                {"type": "text", "text": "?"},
+            ],
+        }
+    ]
+    tagged = [{"role": "user", "content": "What is <protein> ?"}]
+    assert processor.apply_chat_template(typed) == processor.apply_chat_template(tagged)
+    ours = processor.apply_chat_template(typed, **GENERATION)
+    theirs = processor.apply_chat_template(
+        tagged, proteins=[{"sequence": sequence, "coords": ca.numpy()}], **GENERATION
+    )
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "What is a kinase ?"}]}]  # TRL's form
+    assert processor.apply_chat_template(text_only) == processor.apply_chat_template(
+        [{"role": "user", "content": "What is a kinase ?"}]
+    )
+    with pytest.raises(ValueError, match="both as protein items"):
+        processor.apply_chat_template(typed, proteins=[sequence], **GENERATION)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "User", "content": "What is <protein> ?"}], "role='User' is not a chat role"),
+        ([{"role": "bot", "content": "Hello"}], "role='bot'"),
+        (
+            [
+                {"role": "user", "content": "What is it ?"},
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Really ?"},
+            ],
+            "a system message can only come first",
+        ),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "roles must alternate"),
+        ([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}], "type 'image'"),
+        ([{"role": "user", "content": ""}], "non-empty for a user"),
+        ([], "non-empty list"),
+    ],
+)
+def test_messages_the_template_cannot_place_are_errors(processor, messages, message):
+    with pytest.raises(ValueError, match=message):
+        processor.apply_chat_template(messages)
+
+
+def test_chat_template_arguments_behave_as_in_transformers(processor):
+    chat = [{"role": "user", "content": "What is a kinase ?"}, {"role": "assistant", "content": "An enzyme that"}]
+    continued = processor.apply_chat_template(chat, continue_final_message=True)
+    assert continued.endswith("An enzyme that") and processor.tokenizer.eos_token not in continued
+    assert "Be brief." in processor.apply_chat_template(chat[:1], default_system="Be brief.")
+    template = "{% if add_system_prompt %}SYSTEM {% endif %}{{ messages[0]['content'] }}"
+    assert processor.apply_chat_template(chat[:1], chat_template=template, add_system_prompt=True).startswith("SYSTEM")
+    masks = processor.apply_chat_template(
+        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    answer = masks["input_ids"][0][masks["assistant_masks"][0].bool()]
+    assert answer[-1] == processor.tokenizer.eos_token_id and processor.decode(answer).endswith("enzyme that </s>")
+    ids = processor.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=True)
+    assert torch.equal(torch.as_tensor(ids), processor(text=processor.apply_chat_template(chat[:1]))["input_ids"])
+
+
+def test_collator_refuses_examples_with_nothing_to_learn(processor):
+    collator = processor.get_data_collator(structure_dropout=0.0)
+    with pytest.raises(ValueError, match=r"examples\[1\]: no assistant reply"):
+        collator(
+            [
+                {"messages": [{"role": "user", "content": "Q <protein>"}, {"role": "assistant", "content": "Yes"}]}
+                | {"proteins": ["MKT"]},
+                {"messages": [{"role": "user", "content": "Q <protein>"}], "proteins": ["MKT"]},
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"images": ["x.png"]}, "images: SEPIT reads proteins"),
+        ({"return_tensors": "tf"}, "return_tensors='tf'"),
+        ({"colour": "red"}, r"\['colour'\]: not arguments of SepitProcessor"),
+        ({"text_pair": "second"}, r"\['text_pair'\]: not supported"),
+        ({"return_overflowing_tokens": True}, "return_overflowing_tokens"),
+    ],
+)
+def test_arguments_the_processor_cannot_honour_are_refused(processor, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text="What is <protein> ?", proteins="MKTAYIAK", **kwargs)
