@@ -1,5 +1,6 @@
 """SEPIT: a structure-aware ESM-2 encoder whose per-residue features are spliced into a causal LM."""
 
+import copy
 import inspect
 import re
 import shutil
@@ -11,18 +12,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModel, EsmModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, EsmModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.import_utils import is_tracing, torch_compilable_check
+from transformers.utils.import_utils import is_tracing
 
 from .configuration_sepit import SepitConfig, add_protein_token
 from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, build_moe_layers, check_gated_mlp, decoder_layers
@@ -63,7 +65,8 @@ class SepitModelOutputWithPast(ModelOutput):
     last_hidden_state: LLM hidden states, same length as `input_ids`.
     router_logits: per MoE layer, (tokens, num_experts) router logits, when `output_router_logits`.
     protein_features: projected protein features (protein tokens, LLM width) spliced into the sequence: one per feature
-        position, or per group of `protein_pooling` positions.
+        position, or per group of `protein_pooling` positions (under torch.compile, followed by the padding positions'
+        rows, which are not spliced).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -161,20 +164,27 @@ class SepitPreTrainedModel(PreTrainedModel):
                     shutil.copy(source, destination)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
-        """As transformers', but the ESM layers always checkpoint with `use_reentrant=False`: they receive the
-        structure bias as a keyword argument, whose gradient reentrant checkpointing drops (the backward pass fails)."""
+        """As transformers', but layers that reentrant checkpointing would get wrong use `use_reentrant=False`: the
+        ESM layers, which receive the structure bias as a keyword argument (its gradient is dropped and the backward
+        pass fails), and the LLM layers of an MoE model, whose router logits are recorded by hooks (under reentrant
+        checkpointing the forward runs without gradients, so the load-balancing loss would train nothing)."""
         if gradient_checkpointing_func is None:
             super()._set_gradient_checkpointing(enable, **kwargs)
             return
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
         keywords = getattr(gradient_checkpointing_func, "keywords", {})
-        if enable and keywords.get("use_reentrant", False) and hasattr(self, "get_protein_model"):
-            logger.warning_once(
-                "gradient checkpointing with use_reentrant=True: the ESM layers use use_reentrant=False, since the "
-                "structure bias reaches them as a keyword argument"
-            )
-            non_reentrant = partial(gradient_checkpointing_func.func, **{**keywords, "use_reentrant": False})
-            for module in self.get_protein_model().modules():
+        if not (enable and keywords.get("use_reentrant", False) and hasattr(self, "get_protein_model")):
+            return
+        parts = [self.get_protein_model()]
+        if self.config.text_config.num_experts is not None:
+            parts.append(self.get_decoder())
+        logger.warning_once(
+            "gradient checkpointing with use_reentrant=True: the ESM layers (structure bias as a keyword argument) and "
+            "an MoE LLM's layers (router logits recorded by hooks) use use_reentrant=False"
+        )
+        non_reentrant = partial(gradient_checkpointing_func.func, **{**keywords, "use_reentrant": False})
+        for part in parts:
+            for module in part.modules():
                 if hasattr(module, "gradient_checkpointing"):
                     module._gradient_checkpointing_func = non_reentrant
 
@@ -290,7 +300,13 @@ class SepitModel(SepitPreTrainedModel):
             # Pooled at the ESM width, before the projector: cheaper than pooling projected LLM-width features.
             selected = pool_protein_states(selected, protein_attention_mask, self.config.protein_pooling)
         elif not self.config.original_compat:
-            selected = selected[protein_attention_mask.bool()]
+            if is_tracing():
+                # Static shapes for torch.compile: every position, the attended ones first and in order (a boolean
+                # index's shape depends on the data); `masked_scatter` takes as many rows as there are placeholders.
+                padding = (protein_attention_mask == 0).flatten().to(torch.int8)
+                selected = selected.reshape(-1, selected.shape[-1])[torch.argsort(padding, stable=True)]
+            else:
+                selected = selected[protein_attention_mask.bool()]
         return self.multi_modal_projector(selected.reshape(-1, selected.shape[-1]))
 
     @can_return_tuple
@@ -340,13 +356,14 @@ class SepitModel(SepitPreTrainedModel):
             pieces = precomputed.pooler_output
             protein_features = torch.cat(list(pieces)) if isinstance(pieces, list | tuple) else pieces
             self._check_placeholder_count(placeholder, protein_features.shape[0], "mm_encoder_outputs['protein']")
-        elif not (cache is not None and cache.get_seq_length() > 0):
-            # Prompts only: a decoding step (the cache holds the proteins) skips this check.
-            torch_compilable_check(
-                ~placeholder.any(),
-                "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
-                "(SepitProcessor returns them) or remove the `<protein>` tags.",
-            )
+        elif not is_tracing() and not (cache is not None and cache.get_seq_length() > 0):
+            # Prompts only: decoding steps read the proteins from the cache, and `generate` never emits `<protein>`
+            # unless told to (the original release embedded a generated `<protein>` as text).
+            if bool(placeholder.any()):
+                raise ValueError(
+                    "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "
+                    "(SepitProcessor returns them) or remove the `<protein>` tags."
+                )
         if protein_features is not None:
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -382,17 +399,18 @@ class SepitModel(SepitPreTrainedModel):
         )
 
     def _check_placeholder_count(self, placeholder: torch.Tensor, tokens: torch.Tensor | int, source: str) -> None:
-        """The `<protein>` placeholders must number the protein tokens (compile-friendly: no host sync when traced)."""
-        pooling = self.config.protein_pooling
-        torch_compilable_check(
-            placeholder.sum() == tokens,
-            lambda: (
-                f"`input_ids` hold {int(placeholder.sum())} `<protein>` tokens but {source} give {int(tokens)} protein "
-                f"tokens at protein_pooling={pooling} (ceil(n / {pooling}) for a protein of n feature positions): "
-                "build inputs with a SepitProcessor of the same protein_pooling, which expands each `<protein>` to its "
-                "protein's tokens."
-            ),
-        )
+        """The `<protein>` placeholders must number the protein tokens. Not checked while torch.compile traces (the
+        check would break the graph on a host sync): compile a model whose inputs passed it once in eager mode."""
+        if is_tracing():
+            return
+        placeholders, tokens, pooling = int(placeholder.sum()), int(tokens), self.config.protein_pooling
+        if placeholders != tokens:
+            raise ValueError(
+                f"`input_ids` hold {placeholders} `<protein>` tokens but {source} give {tokens} protein tokens at "
+                f"protein_pooling={pooling} (ceil(n / {pooling}) for a protein of n feature positions): build inputs "
+                "with a SepitProcessor of the same protein_pooling, which expands each `<protein>` to its protein's "
+                "tokens."
+            )
 
 
 def keep_feature_layers(protein_model: EsmModel, feature_layer: int) -> None:
@@ -495,11 +513,8 @@ def validate_protein_inputs(
             f"protein_input_ids {shape}"
         )
     if protein_coords is None:
-        if protein_coords_mask is not None:
-            torch_compilable_check(
-                ~protein_coords_mask.bool().any(),
-                "protein_coords_mask marks residues with coordinates but protein_coords is missing",
-            )
+        if protein_coords_mask is not None and not is_tracing() and bool(protein_coords_mask.any()):
+            raise ValueError("protein_coords_mask marks residues with coordinates but protein_coords is missing")
         return protein_attention_mask, None
     if tuple(protein_coords.shape) != (*shape, 3):
         raise ValueError(
@@ -625,21 +640,36 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             protein_features=outputs.protein_features,
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        cache = model_inputs.get("cache")
-        cached = cache is not None and cache.get_seq_length() > 0
-        if (not is_first_iteration and kwargs.get("use_cache", True)) or cached:
-            # The encoder runs once per request: decoding steps (and an assisting model's later rounds, which start
-            # from its cache) read the proteins from the KV cache.
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if not is_first_iteration and cache is not None and cache.get_seq_length() > 0:
+            # The encoder runs once per request: decoding steps read the proteins from the KV cache. (An assisting
+            # model's first call is not a first iteration either, but its cache is still empty.)
             for name in PROTEIN_INPUT_NAMES:
                 model_inputs.pop(name, None)
         return model_inputs
 
-    def generate(self, *args, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """`GenerationMixin.generate`, never emitting `<protein>` unless `suppress_tokens` says otherwise: a generated
-        placeholder has no protein to splice. An `assistant_model` must itself be a SEPIT model: a plain LLM
-        cannot read the placeholders, and LLaVA-style models refuse it the same way."""
+        placeholder has no protein to splice. An `assistant_model` must itself be a SEPIT model: a plain LLM cannot
+        read the placeholders (LLaVA-style models refuse it the same way)."""
         assistant = kwargs.get("assistant_model")
         if assistant is not None and getattr(assistant.config, "model_type", None) != self.config.model_type:
             if any(kwargs.get(name) is not None for name in PROTEIN_INPUT_NAMES):
@@ -647,12 +677,20 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
                     f"assistant_model: a {type(assistant).__name__} cannot read SEPIT's `<protein>` placeholders; "
                     "assist with a smaller SEPIT model, or use prompt_lookup_num_tokens=... (no assistant model)"
                 )
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        if kwargs.get("suppress_tokens") is None and generation_config.suppress_tokens is None:
-            # A caller's (or saved) `suppress_tokens`, even [], is theirs: the original release could emit `<protein>`,
-            # and `suppress_tokens=[]` reproduces it (the token is then embedded as text).
-            kwargs["suppress_tokens"] = [self.config.protein_token_id]
-        return super().generate(*args, **kwargs)
+        # A caller's (or saved) `suppress_tokens`, even [], is theirs: the original release could emit `<protein>`,
+        # and `suppress_tokens=[]` reproduces it. An assisting SEPIT model gets the target's processors, which do.
+        processors = kwargs.get("logits_processor") or []
+        if (
+            kwargs.get("suppress_tokens") is None
+            and (generation_config or self.generation_config).suppress_tokens is None
+            and not any(isinstance(processor, SuppressTokensLogitsProcessor) for processor in processors)
+        ):
+            if generation_config is None:
+                kwargs["suppress_tokens"] = [self.config.protein_token_id]
+            else:
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.suppress_tokens = [self.config.protein_token_id]
+        return super().generate(inputs, generation_config, **kwargs)
 
     def upcycle_to_moe(
         self,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.utils.import_utils import is_tracing
 
 from .configuration_sepit import SepitConfig
 
@@ -79,7 +80,7 @@ class SepitStructureModule(nn.Module):
             The attention bias (N, heads, P, P) and the embedding term (N, P, hidden), or `(None, None)` when no
             residue has coordinates, so that the encoder is exactly ESM-2.
         """
-        if not bool(coords_mask.any()):
+        if not is_tracing() and not bool(coords_mask.any()):  # traced: computed anyway, zero where masked
             return None, None
         num_proteins, length, _ = coords.shape
         coords = coords.float().masked_fill(~coords_mask.unsqueeze(-1), 0.0)

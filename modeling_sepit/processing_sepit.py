@@ -377,6 +377,8 @@ class SepitProcessor(ProcessorMixin):
             )
         merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs = merged["text_kwargs"]
+        if text_kwargs.get("padding_side") not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {text_kwargs['padding_side']!r}")
         refused = [name for name in REFUSED_TEXT_KWARGS if text_kwargs.get(name) not in (None, False)]
         if refused:
             raise ValueError(f"{refused}: not supported by SepitProcessor (each text must stay one sequence)")

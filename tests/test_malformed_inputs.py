@@ -110,7 +110,9 @@ def ask(text: object, proteins: object, **kwargs) -> Callable[[SepitProcessor], 
 
 
 def chat(messages: list, proteins: object) -> Callable[[SepitProcessor], object]:
-    return lambda processor: processor.apply_chat_template(messages, proteins=proteins, add_generation_prompt=True)
+    return lambda processor: processor.apply_chat_template(
+        messages, proteins=proteins, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
 
 
 def build(**kwargs) -> Callable[[SepitProcessor], object]:
@@ -184,16 +186,16 @@ PROCESSOR_CASES = [
         ["does not match the sequence", "90% required"],
         id="structure-other-protein",
     ),
-    pytest.param(ask(Q, SEQ, return_tensors="np"), ["return_tensors='np'", "'pt'"], id="return-tensors-np"),
+    pytest.param(ask(Q, SEQ, return_tensors="tf"), ["return_tensors='tf'", "'pt'"], id="return-tensors-tf"),
     pytest.param(ask(Q, SEQ, padding_side="middle"), ["padding_side", "'left'", "'right'"], id="padding-side"),
-    pytest.param(chat([], None), ["conversation[0]: give a non-empty list"], id="chat-no-messages"),
-    pytest.param(chat([{"role": "user"}], [SEQ]), ["conversation[0]", "'role', 'content'"], id="chat-no-content"),
+    pytest.param(chat([], None), ["conversation: give a non-empty list"], id="chat-no-messages"),
+    pytest.param(chat([{"role": "user"}], [SEQ]), ["conversation[0]", "'role' and 'content'"], id="chat-no-content"),
     pytest.param(
-        chat([{"role": "user", "content": " "}], []), ["conversation[0][0]", "non-empty"], id="chat-empty-question"
+        chat([{"role": "user", "content": " "}], []), ["conversation[0]", "non-empty"], id="chat-empty-question"
     ),  # fixed
     pytest.param(
         chat([{"role": "user", "content": None}], []),
-        ["conversation[0][0]", "must be a string"],
+        ["conversation[0]", "must be a string"],
         id="chat-content-none",
     ),  # fixed
     pytest.param(
@@ -202,7 +204,7 @@ PROCESSOR_CASES = [
     pytest.param(
         build(max_protein_length=0), ["max_protein_length must be an integer >= 1"], id="max-length-0"
     ),  # fixed
-    pytest.param(build(protein_pooling=0), ["protein_pooling must be >= 1"], id="pooling-0"),
+    pytest.param(build(protein_pooling=0), ["protein_pooling must be an integer >= 1"], id="pooling-0"),
     pytest.param(build(protein_padding_length=8), ["protein_padding_length=8", "1024 positions"], id="padding-short"),
 ]
 
@@ -249,7 +251,7 @@ def valid_protein(draw):
 @given(groups=st.lists(st.lists(valid_protein(), min_size=0, max_size=3), min_size=1, max_size=3))
 def test_random_valid_processor_inputs_never_raise(processor, groups):
     texts = ["Compare " + " and ".join(["<protein>"] * len(group)) + " ." for group in groups]
-    out = processor(text=texts, proteins=groups, padding_side="left")
+    out = processor(text=texts, proteins=groups, padding=True, padding_side="left")
     placeholders = (out["input_ids"] == processor.protein_token_id).sum(-1)
     flat = [protein for group in groups for protein in group]
     if not flat:
@@ -272,7 +274,7 @@ def test_random_valid_processor_inputs_never_raise(processor, groups):
 
 @pytest.fixture(scope="module")
 def qa(converted):
-    return pipeline("protein-qa", model=str(converted))
+    return pipeline("protein-qa", model=str(converted), trust_remote_code=True)
 
 
 def request(**fields) -> dict:
@@ -332,12 +334,15 @@ def test_pipeline_rejects(qa, inputs, kwargs, fragments):
 
 
 def test_pipeline_answers_about_a_100k_residue_protein_truncated_not_an_error(qa):
-    assert isinstance(qa(request(sequence="G" * 100_000), max_new_tokens=1)["answer"], str)
+    assert isinstance(qa(request(sequence="G" * 100_000), max_new_tokens=1)[0]["answer"], str)
 
 
 def test_pipeline_on_a_checkpoint_without_weights_names_the_file(broken_checkpoints):
     # transformers' pipeline() wraps the loader's errors in its own ValueError; the model's message is in it.
-    raises(lambda: pipeline("protein-qa", model=str(broken_checkpoints["no-weights"])), ["no model weights"])
+    raises(
+        lambda: pipeline("protein-qa", model=str(broken_checkpoints["no-weights"]), trust_remote_code=True),
+        ["no model weights"],
+    )
 
 
 # --- structure loading -----------------------------------------------------------------------------------------------

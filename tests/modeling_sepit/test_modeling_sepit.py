@@ -1,5 +1,7 @@
 """SEPIT model: encoder equivalences, splicing, batching, generation, MoE upcycling, saving and remote code."""
 
+import copy
+import json
 import math
 import re
 import textwrap
@@ -17,6 +19,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_sepit import SepitConfig, SepitForConditionalGeneration, SepitProcessor
 from tests.conftest import PAD_ID, PROTEIN_TOKEN_ID, pad, prompt_ids, protein_batch, run_in_fresh_python, tiny_config
@@ -351,7 +354,8 @@ def test_protein_tags_without_proteins_raise(model):
         model(input_ids=torch.tensor([[1, PROTEIN_TOKEN_ID, 5]]))
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_proteins, protein_tokenizer):
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_proteins, protein_tokenizer, checkpointing):
     torch.manual_seed(0)
     model = SepitForConditionalGeneration(tiny_config(num_experts=2, structure_embedding_scale=0.1)).train()
     batch = protein_batch(real_proteins[1:], protein_tokenizer)
@@ -365,7 +369,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_proteins,
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain_grads = loss_and_grads()
-    model.activation_checkpointing_enable()
+    # Reentrant checkpointing drops the gradient of keyword tensors: the ESM layers get the structure bias as one.
+    model.activation_checkpointing_enable(checkpointing)
     ckpt_loss, ckpt_grads = loss_and_grads()
     torch.testing.assert_close(ckpt_loss, plain_loss)
     assert plain_grads.keys() == ckpt_grads.keys()
@@ -487,3 +492,196 @@ def test_unpooled_inputs_to_a_pooled_model_raise_naming_the_fields(model, real_p
     ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
     with pytest.raises(ValueError, match=r"`<protein>` tokens .* protein_pooling=2"):
         with_pooling(model, 2)(input_ids=ids, attention_mask=mask, **batch)
+
+
+# transformers' model contract: what LLaVA and Llama accept, SEPIT accepts with the same meaning (or refuses by name).
+
+
+@pytest.fixture
+def prompt(model, real_proteins, protein_tokenizer) -> dict:
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    ids, mask = pad(prompt_ids(feature_counts(batch)), "left")
+    return {"input_ids": ids, "attention_mask": mask, **batch}
+
+
+def one_request(prompt: dict) -> dict:
+    """The first row of `prompt`, unpadded (assisted decoding takes batches of one)."""
+    keep = prompt["attention_mask"][0].bool()
+    return {
+        "input_ids": prompt["input_ids"][:1, keep],
+        "attention_mask": prompt["attention_mask"][:1, keep],
+        **{k: v[:1] for k, v in prompt.items() if k.startswith("protein_")},
+    }
+
+
+def test_return_dict_false_gives_the_output_as_a_tuple(model, prompt):
+    with torch.no_grad():
+        output = model(**prompt)
+        as_tuple = model(**prompt, return_dict=False)
+        base = model.model(**prompt, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], output.logits)
+    assert isinstance(base, tuple) and base[0].shape[:2] == prompt["input_ids"].shape
+
+
+def test_precomputed_protein_features_replace_the_encoder(model, prompt):
+    proteins = {k: v for k, v in prompt.items() if k.startswith("protein_")}
+    text = {k: v for k, v in prompt.items() if not k.startswith("protein_")}
+    with torch.no_grad():
+        features = model.get_protein_features(**proteins, return_dict=True)
+        assert [len(f) for f in features.pooler_output] == feature_counts(proteins)
+        assert torch.equal(torch.cat(features.pooler_output), model.get_protein_features(**proteins))
+        expected = model(**prompt).logits
+        assert torch.equal(model(**text, mm_encoder_outputs={"protein": features}).logits, expected)
+        greedy = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+        calls = []
+        hook = model.model.protein_model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            again = model.generate(**text, mm_encoder_outputs={"protein": features}, max_new_tokens=6, do_sample=False)
+        finally:
+            hook.remove()
+    assert torch.equal(again, greedy) and not calls  # the encoder ran once, for the features, not per question
+    with pytest.raises(ValueError, match="either as `protein_input_ids` or as `mm_encoder_outputs`"):
+        model(**prompt, mm_encoder_outputs={"protein": features})
+    short = BaseModelOutputWithPooling(pooler_output=features.pooler_output[:1])
+    with pytest.raises(ValueError, match=r"mm_encoder_outputs\['protein'\] give"):
+        model(**text, mm_encoder_outputs={"protein": short})
+
+
+def test_inputs_embeds_with_proteins_as_llava_does(model, prompt):
+    """With `inputs_embeds`, the placeholders are found by their embedding, in `forward` and in `generate`."""
+    embeds = model.get_input_embeddings()(prompt["input_ids"])
+    rest = {k: v for k, v in prompt.items() if k != "input_ids"}
+    with torch.no_grad():
+        assert torch.equal(model(inputs_embeds=embeds, **rest).logits, model(**prompt).logits)
+        greedy = model.generate(**prompt, max_new_tokens=5, do_sample=False)[:, prompt["input_ids"].shape[1] :]
+        from_embeds = model.generate(inputs_embeds=embeds, **rest, max_new_tokens=5, do_sample=False)
+    assert torch.equal(from_embeds, greedy)  # `generate(inputs_embeds=...)` returns the new tokens only
+
+
+def test_past_key_values_is_the_cache(model, prompt):
+    step = torch.full((prompt["input_ids"].shape[0], 1), 5)
+    mask = torch.cat([prompt["attention_mask"], torch.ones_like(step)], dim=1)
+    with torch.no_grad():
+        by_cache = model(input_ids=step, attention_mask=mask, cache=model(**prompt, use_cache=True).cache).logits
+        by_old_name = model(
+            input_ids=step, attention_mask=mask, past_key_values=model(**prompt, use_cache=True).cache
+        ).logits
+        recomputed = model(
+            input_ids=torch.cat([prompt["input_ids"], step], dim=1),
+            attention_mask=mask,
+            **{k: v for k, v in prompt.items() if k.startswith("protein_")},
+        ).logits[:, -1:]
+    assert torch.equal(by_old_name, by_cache)
+    torch.testing.assert_close(by_cache, recomputed, atol=1e-5, rtol=1e-5)
+
+
+def test_assisted_decoding_with_a_sepit_assistant_and_refusal_of_a_plain_llm(model, prompt):
+    request = one_request(prompt)
+    torch.manual_seed(1)
+    assistant = SepitForConditionalGeneration(tiny_config()).eval()
+    with torch.no_grad():
+        greedy = model.generate(**request, max_new_tokens=8, do_sample=False)
+        assert torch.equal(model.generate(**request, max_new_tokens=8, do_sample=False, assistant_model=model), greedy)
+        assert torch.equal(
+            model.generate(**request, max_new_tokens=8, do_sample=False, assistant_model=assistant), greedy
+        )
+        plain = LlamaForCausalLM(model.config.text_config).eval()
+        with pytest.raises(ValueError, match="assistant_model: a LlamaForCausalLM cannot read"):
+            model.generate(**request, max_new_tokens=8, assistant_model=plain)
+
+
+def test_generation_never_emits_the_protein_placeholder(prompt):
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(tiny_config()).eval()
+    boost = torch.zeros(model.config.text_config.vocab_size)
+    boost[PROTEIN_TOKEN_ID] = 1e4  # the model now wants nothing but `<protein>`
+    model.lm_head.register_forward_hook(lambda _module, _args, logits: logits + boost)
+    with torch.no_grad():
+        for use_cache in (True, False):
+            new = model.generate(**prompt, max_new_tokens=4, do_sample=False, use_cache=use_cache)
+            assert not (new[:, prompt["input_ids"].shape[1] :] == PROTEIN_TOKEN_ID).any()
+        # The original release could emit it (embedded as text); `suppress_tokens=[]` asks for that behaviour.
+        new = model.generate(**prompt, max_new_tokens=4, do_sample=False, suppress_tokens=[])
+        assert (new[:, prompt["input_ids"].shape[1] :] == PROTEIN_TOKEN_ID).all()
+
+
+def test_flex_attention_for_the_llm_and_a_clear_refusal_where_the_bias_cannot_go(model, prompt):
+    sequences_only = {k: v for k, v in prompt.items() if "coords" not in k}
+    flex_llm = SepitForConditionalGeneration._from_config(
+        copy.deepcopy(model.config), attn_implementation={"text_config": "flex_attention", "protein_config": "sdpa"}
+    ).eval()
+    flex_everywhere = SepitForConditionalGeneration._from_config(
+        copy.deepcopy(model.config), attn_implementation="flex_attention"
+    )
+    flex_llm.load_state_dict(model.state_dict())
+    flex_everywhere.eval().load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(flex_llm(**prompt).logits, model(**prompt).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            flex_everywhere(**sequences_only).logits, model(**sequences_only).logits, atol=1e-5, rtol=1e-5
+        )
+        with pytest.raises(ValueError, match=r"protein_coords: the structure bias .* 'flex_attention'"):
+            flex_everywhere(**prompt)
+    with pytest.raises(ImportError, match="FlashAttention2"):  # accepted by SEPIT; the package is absent here
+        SepitForConditionalGeneration._from_config(copy.deepcopy(model.config), attn_implementation="flash_attention_2")
+
+
+def test_compiled_forward_has_no_graph_break(model, prompt):
+    with torch.no_grad():
+        prefill = torch._dynamo.explain(model)(**prompt)
+        cache = model(**prompt, use_cache=True).cache
+        step = torch.full((prompt["input_ids"].shape[0], 1), 5)
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(step)], dim=1)
+        decode = torch._dynamo.explain(model)(input_ids=step, attention_mask=mask, cache=cache)
+        compiled = torch.compile(model)(**prompt).logits
+        assert torch.allclose(compiled, model(**prompt).logits, atol=1e-5)
+    torch._dynamo.reset()
+    assert (prefill.graph_break_count, decode.graph_break_count) == (0, 0), prefill.break_reasons
+
+
+def test_every_parameter_gets_a_gradient(prompt):
+    """No unused parameters (DDP needs no `find_unused_parameters`): the ESM layers above the projected one, the final
+    norm and the contact head are not kept."""
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(tiny_config(structure_embedding_scale=0.1)).train()
+    labels = prompt["input_ids"].masked_fill(prompt["input_ids"] == PROTEIN_TOKEN_ID, -100)
+    model(**prompt, labels=labels).loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert len(model.model.protein_model.encoder.layer) == model.config.protein_config.num_hidden_layers - 1
+    assert model.input_modalities == ("protein", "text")
+
+
+STANDARD_PAIR_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["modeling_sepit"] = None  # only the folder's own code
+    from transformers import pipeline
+    folder = sys.argv[1]
+    qa = pipeline("protein-qa", model=folder, trust_remote_code=True)
+    assert type(qa).__module__.startswith("transformers_modules"), type(qa).__module__
+    print(json.dumps(qa({"question": "What is <protein> ?", "sequence": "MKTAYIAKQR"}, max_new_tokens=4)))
+    """
+)
+
+
+def test_the_standard_save_pretrained_pair_builds_its_own_pipeline(tmp_path, tiny_parts):
+    """`model.save_pretrained` + `processor.save_pretrained` (also of a PEFT-merged model) give a folder that loads in
+    `pipeline("protein-qa", trust_remote_code=True)` in a process without this package."""
+    from peft import LoraConfig, get_peft_model
+
+    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
+    model = SepitForConditionalGeneration.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model"
+    )
+    merged = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).merge_and_unload()
+    for name, candidate in (("plain", model), ("merged", merged)):
+        folder = tmp_path / name
+        candidate.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        assert (
+            config["custom_pipelines"]["protein-qa"]["impl"] == "pipeline_protein_qa.ProteinQuestionAnsweringPipeline"
+        )
+        assert (folder / "pipeline_protein_qa.py").is_file()
+        answer = json.loads(run_in_fresh_python(STANDARD_PAIR_CHECK, [str(folder)], tmp_path).splitlines()[-1])
+        assert isinstance(answer[0]["answer"], str)
