@@ -90,12 +90,17 @@ class SepitConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        dense = (
+            self.num_experts if self.num_experts is not None else getattr(self.text_config, "num_experts", None)
+        ) is None
         for name in MOE_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 setattr(self.text_config, name, value)
             elif getattr(self.text_config, name, None) is None:
-                setattr(self.text_config, name, MOE_DEFAULTS[name])
+                # A dense LLM has no router: a zero coefficient tells TRL there is no load-balancing loss to add.
+                default = 0.0 if name == "router_aux_loss_coef" and dense else MOE_DEFAULTS[name]
+                setattr(self.text_config, name, default)
             # Mirrored for reading; the model and TRL read the text config.
             setattr(self, name, getattr(self.text_config, name))
         self.validate_sepit()

@@ -240,3 +240,47 @@ def test_a_checkpoint_interrupted_while_written_never_becomes_the_last_one(parts
     monkeypatch.undo()
     assert sft["main"]([*argv, "--resume_from_checkpoint", "true"]) == 0
     assert json.loads((output / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_trls_own_sft_trainer_trains_the_model_with_the_processors_collator(parts, tmp_path) -> None:
+    """TRL's `SFTTrainer` as its docs show it, on the model, the processor and the collator the processor gives
+    (reachable from any saved folder). The two `SFTConfig` settings are the ones TRL's design requires for rows whose
+    proteins are tensors built at collation: TRL's own dataset preparation keeps only `input_ids`/`labels` columns
+    for non-image data, so it would drop the proteins (shown below)."""
+    from trl import SFTConfig, SFTTrainer
+
+    protein, language = parts["parts"] / "protein_model", parts["parts"] / "language_model"
+    processor = SepitProcessor.from_pretrained_parts(protein, language, max_protein_length=64)
+    model = SepitForConditionalGeneration.from_pretrained_parts(protein, language)
+    train = load_dataset(str(parts["dataset"]), "instructions")["train"]
+    with_structure = [i for i, source in enumerate(train["structure_source"]) if source][:4]
+    rows = train.select([*with_structure, *range(4)])
+    # bf16=False: TRL defaults to bf16, which needs a GPU (or use_cpu=True); this machine has none.
+    settings = {
+        "output_dir": str(tmp_path),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "report_to": [],
+        "bf16": False,
+    }
+    with pytest.raises(ValueError, match="`<protein>` tags but 0 proteins"):
+        SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=rows, processing_class=processor)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            **settings,
+            logging_steps=1,
+            learning_rate=1e-3,
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        ),
+        train_dataset=rows,
+        processing_class=processor,
+        data_collator=processor.get_data_collator(structure_dropout=0.0, seed=0),
+    )
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    changed = {name.split(".")[1] for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert {"protein_model", "structure_module", "multi_modal_projector", "language_model"} <= changed
