@@ -37,7 +37,7 @@ def step_times(model, batches: list[dict], repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--parts", required=True)
     parser.add_argument("--batch_size", type=int, default=8)

@@ -28,6 +28,7 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -339,6 +340,9 @@ def update_readme(section: str) -> None:
 
 
 def main() -> None:
+    # No options: the parser gives `--help` its text and refuses anything else before the long run starts.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
     load_before = os.getloadavg()[0]
     checks = []
     for length in LENGTHS:

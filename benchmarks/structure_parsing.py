@@ -68,7 +68,7 @@ def first_call_seconds() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # Biopython/biotite warnings about the fixture files are not what is measured here

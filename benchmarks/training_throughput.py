@@ -70,7 +70,7 @@ def grouped_order(rows: list[dict], processor: SepitProcessor, batch_size: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--parts", required=True)
     parser.add_argument("--batch_size", type=int, default=4)

@@ -22,7 +22,6 @@ from pathlib import Path
 from datasets import Features, List, Value
 from datasets.arrow_writer import ParquetWriter
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 from dataset_card.card import DatasetStatistics, push_dataset, write_card
 from dataset_card.homology import (
@@ -42,6 +41,7 @@ from dataset_card.instructions import (
 from dataset_card.structures import AttachedStructure, StructureIndex
 from dataset_card.uniprot_reader import ReadReport, UniProtEntry, iter_entries
 from modeling_sepit.atomic_folder import atomic_folder
+from modeling_sepit.cli_sepit import script_parser
 from modeling_sepit.structure_loading import check_sequence
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -273,8 +273,7 @@ def build_dataset(args: BuildArguments) -> BuildResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(BuildArguments, description=__doc__.splitlines()[0])
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser([BuildArguments], __doc__)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         result = build_dataset(args)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import HfArgumentParser
 
 from dataset_card.build_dataset import DATA, FEATURES
 from modeling_sepit.atomic_folder import atomic_folder
+from modeling_sepit.cli_sepit import script_parser
 from modeling_sepit.structure_loading import check_sequence
 
 INSTRUCTPROTEIN = DATA / "instructprotein"
@@ -145,8 +145,7 @@ def build_external_benchmarks(args: ExternalBenchmarkArguments) -> dict[str, int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(ExternalBenchmarkArguments, description=__doc__.splitlines()[0])
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser([ExternalBenchmarkArguments], __doc__)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         counts = build_external_benchmarks(args)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import load_dataset
-from transformers import HfArgumentParser
 
 from dataset_card.card import push_dataset
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.cli_sepit import script_parser
 from modeling_sepit.hub_sepit import model_card, push_hub_folder, require_local_or_cached, save_hub_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,8 +167,7 @@ def table_section(path: Path, heading: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(MainJobArguments, description=__doc__.splitlines()[0])
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser([MainJobArguments], __doc__)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         for name in ("protein_model", "language_model", "text_encoder", "bertscore_model"):

@@ -31,13 +31,19 @@ def model_card(
     datasets: list[str] | None = None,
 ) -> ModelCard:
     """A model card (Hub YAML metadata + text) for a SEPIT folder: what it is, how to use it, how it was trained
-    (`summary`) and what it scored (`results`, markdown), so a published folder says what was measured."""
+    (`summary`) and what it scored (`results`, markdown), so a published folder says what was measured.
+
+    `pipeline_tag: other`: the Hub knows no task whose input is a protein, and the tag picks the page's inference
+    widget. `text-generation` (or no tag, which leaves the Hub to infer one from the config's Auto classes) would offer
+    a text box that cannot give the model its protein; `other` shows none. The task is named in the tags instead
+    (`protein-qa`, the custom pipeline that `config.json`'s `custom_pipelines` declares, with the usage snippet
+    below)."""
     data = ModelCardData(
         language="en",
         license="apache-2.0",
         library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["sepit", "protein", "protein-question-answering", "esm2", "custom_code"],
+        pipeline_tag="other",
+        tags=["sepit", "protein-qa", "protein", "biology", "protein-question-answering", "esm2", "custom_code"],
         base_model=base_models or None,
         datasets=datasets or None,
     )

@@ -7,11 +7,14 @@ Not imported by the model files, so a checkpoint's remote code never needs TRL.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, load_dataset
 from torch import nn
@@ -208,27 +211,128 @@ def end_training(trainer: Trainer) -> None:
     trainer.end()
 
 
-def save_loss_plot(log_history: list[dict], path: str | os.PathLike, title: str) -> Path | None:
-    """A PNG of every logged loss series against the step (None when nothing was logged)."""
+# transformers' `get_length_grouped_indices`: at most 50 batches per mega-batch, fewer to make at least 4 of them.
+MEGA_BATCH_BATCHES = 50
+# Without length grouping the train loss is only noisy: a mean over the same 50 steps reads it alike.
+DEFAULT_SMOOTHING_STEPS = 50
+OTHER_COLOURS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:cyan")
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """One line of `loss_curve.png`: its legend label, points and matplotlib style."""
+
+    label: str
+    steps: np.ndarray
+    values: np.ndarray
+    style: dict = field(default_factory=dict)
+
+
+def mega_batch_steps(trainer: Trainer) -> int | None:
+    """Optimizer steps per mega-batch of the Trainer's `group_by_length` sampler, the period of the zig-zag it puts in
+    the train loss (None when the trainer does not group by length). `LengthGroupedSampler` cuts the shuffled rows into
+    mega-batches of `MEGA_BATCH_BATCHES` batches (fewer on small datasets) and runs each longest first; a batch holds
+    one optimizer step of one process, so W processes go through a mega-batch in batches / W steps."""
+    args = trainer.args
+    if args.train_sampling_strategy != "group_by_length" or trainer.train_dataset is None:
+        return None
+    rows_per_batch = args.train_batch_size * args.gradient_accumulation_steps
+    batches = max(1, min(len(trainer.train_dataset) // (rows_per_batch * 4), MEGA_BATCH_BATCHES))
+    return max(1, round(batches / args.world_size))
+
+
+def _centred_mean(steps: np.ndarray, values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of each run of `window` consecutive points, at its centre step. Only whole windows: a cut one at either
+    end would average part of a cycle and bend the line where the loss did not."""
+    sums = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    means = (sums[window:] - sums[:-window]) / window
+    centres = (
+        steps[(window - 1) // 2 : len(steps) - window // 2] + steps[window // 2 : len(steps) - (window - 1) // 2]
+    ) / 2
+    return centres, means
+
+
+def loss_curves(log_history: list[dict], zigzag_period: int | None = None) -> list[LossCurve]:
+    """The lines of a loss plot from a Trainer's `log_history`: the train loss raw (faint) and smoothed (bold), other
+    logged train losses (stage 0's components, stage 2's `aux_loss`) smoothed, and every validation loss (`eval_*`).
+
+    Smoothing is a centred mean over `zigzag_period` steps (default `DEFAULT_SMOOTHING_STEPS`), at most a quarter of
+    the run, drawn where a whole window fits. With length grouping the raw loss is periodic on top of its trend, high
+    on each mega-batch's long rows and low on its short ones; a window of exactly one period holds one whole cycle
+    wherever it sits, so the mean removes the zig-zag (exactly, when the period is a whole number of logging intervals)
+    and keeps the trend, at the right step. An exponential moving average only damps a periodic signal (by its time
+    constant) and lags the trend by as much; a longer window would blur the trend for nothing."""
+    train: dict[str, list[tuple[int, float]]] = {}
+    validation: dict[str, list[tuple[int, float]]] = {}
+    run_means: list[tuple[int, float]] = []  # `train_loss`: the run's summary, one mean over all its steps
+    for record in log_history:
+        if "step" not in record:
+            continue
+        for key, value in record.items():
+            if not key.endswith("loss") or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            point = (record["step"], float(value))
+            if key == "train_loss":
+                run_means.append(point)
+            else:
+                (validation if key.startswith("eval_") else train).setdefault(key, []).append(point)
+    # The loss in blue (train) and red (validation); each other loss in a colour of its own, train and validation alike.
+    others = sorted({key.removeprefix("eval_") for key in [*train, *validation]} - {"loss"})
+    colours = {"loss": "tab:blue", **dict(zip(others, itertools.cycle(OTHER_COLOURS)))}
+    curves = []
+    for key in sorted(train, key=lambda name: (name != "loss", name)):
+        steps, values = (np.array(column) for column in zip(*train[key], strict=True))
+        spacing = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
+        points = max(1, min(round((zigzag_period or DEFAULT_SMOOTHING_STEPS) / spacing), len(steps) // 4))
+        name = "train loss" if key == "loss" else f"train {key}"
+        smoothed = f"{name} (smoothed: centred mean over {points * spacing:g} steps)"
+        if key == "loss":
+            raw = {"color": colours[key], "alpha": 0.35, "linewidth": 0.8, "marker": "." if len(steps) < 30 else None}
+            curves.append(LossCurve(f"{name} (raw, every {spacing:g} steps)", steps, values, raw))
+        width = 2.2 if key == "loss" else 1.2
+        curves.append(
+            LossCurve(smoothed, *_centred_mean(steps, values, points), {"color": colours[key], "linewidth": width})
+        )
+    if "loss" not in train and run_means:  # a run shorter than `logging_steps` logs only its mean
+        step, mean = run_means[-1]
+        style = {"color": colours["loss"], "marker": "o", "linestyle": "none"}
+        curves.append(LossCurve("train loss (mean of the run)", np.array([step]), np.array([mean]), style))
+    for key in sorted(validation, key=lambda name: (name != "eval_loss", name)):
+        steps, values = (np.array(column) for column in zip(*validation[key], strict=True))
+        if key == "eval_loss":
+            style = {"color": "tab:red", "marker": "o", "linewidth": 2}
+        else:
+            style = {"color": colours[key.removeprefix("eval_")], "marker": ".", "linestyle": "--", "linewidth": 1}
+        curves.append(LossCurve(f"validation {key.removeprefix('eval_')}", steps, values, style))
+    return curves
+
+
+def save_loss_plot(
+    log_history: list[dict], path: str | os.PathLike, title: str, zigzag_period: int | None = None
+) -> Path | None:
+    """A PNG of the run's losses (`loss_curves`) against the step, written atomically (None when nothing was logged).
+    `zigzag_period`: steps per length-grouped mega-batch (`mega_batch_steps(trainer)`), which sets the
+    smoothing window and adds a note that the raw train loss zig-zags with that period."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    for record in log_history:
-        for key, value in record.items():
-            if key.endswith("loss") and isinstance(value, int | float) and "step" in record:
-                series.setdefault(key, []).append((record["step"], float(value)))
-    if not series:
+    curves = loss_curves(log_history, zigzag_period)
+    if not curves:
         return None
     path = Path(path)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for key, points in sorted(series.items()):
-        steps, values = zip(*points, strict=True)
-        axis.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
-    axis.set(xlabel="step", ylabel="loss", title=title)
-    axis.legend()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for curve in curves:
+        axis.plot(curve.steps, curve.values, label=curve.label, **curve.style)
+    if zigzag_period and zigzag_period > 1:
+        title += (
+            f"\nraw train loss zig-zags every {zigzag_period} steps: length-grouped batches, "
+            "longest first in each mega-batch"
+        )
+    axis.set(xlabel="optimizer step", ylabel="loss", title=title)
+    axis.title.set_fontsize(9)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     temporary = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temporary, dpi=120)
@@ -242,7 +346,10 @@ __all__ = [
     "ENCODER_MODULES",
     "MODULES",
     "SepitSFTTrainer",
+    "LossCurve",
     "freeze_modules",
+    "mega_batch_steps",
+    "loss_curves",
     "parameter_counts",
     "parameter_groups",
     "save_loss_plot",

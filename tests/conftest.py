@@ -2,10 +2,16 @@
 once per session, a small real dataset (the bundled UniProt store plus the test fixtures, with structures for P00698
 and P05067) with tiny parts whose text tokenizer is trained on it."""
 
+import configparser
+import importlib
+import io
 import os
+import re
 import runpy
 import subprocess
 import sys
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import biotite.structure as struc
@@ -35,6 +41,54 @@ SCRIPTS = {
     "lora": ROOT / "training" / "finetune_lora.py",
 }
 PAD_ID = 0
+# Console scripts by name -> "module:function", as setup.cfg declares them (installed or not).
+_SETUP = configparser.ConfigParser()
+_SETUP.read(ROOT / "setup.cfg")
+CONSOLE_SCRIPTS = dict(
+    line.replace(" ", "").split("=") for line in _SETUP["options.entry_points"]["console_scripts"].split("\n") if line
+)
+
+
+def command_lines() -> dict[str, list[str]]:
+    """Every command line of the project, found rather than listed (a new script is covered at once): the scripts in
+    training/, examples/ and benchmarks/ (`python <script>`), the package modules with a `__main__` guard (`python -m
+    <module>`) and the console scripts, each as the argv that `run_command_line` takes."""
+    main_guard = re.compile(r'^if __name__ == "__main__":', re.MULTILINE)
+    found = {}
+    for folder in ("training", "examples", "benchmarks"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            found[f"{folder}/{path.name}"] = [f"{folder}/{path.name}"]
+    for package in ("modeling_sepit", "dataset_card"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            if main_guard.search(path.read_text(encoding="utf-8")):
+                found[f"-m {package}.{path.stem}"] = ["-m", f"{package}.{path.stem}"]
+    return found | {name: [name] for name in CONSOLE_SCRIPTS}
+
+
+def run_command_line(argv: list[str]) -> tuple[int, str, str]:
+    """Run `python argv...` (`argv[0]` a script under the repository root, `-m module`, or a console script's name)
+    in this process, as its `__main__`: exit code, stdout, stderr. In-process, so the imports are paid once."""
+    stdout, stderr, saved_argv = io.StringIO(), io.StringIO(), sys.argv
+    code = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings():
+            # runpy warns that an imported module is run again as __main__: that is the point here.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if argv[0] == "-m":
+                sys.argv = [argv[1], *argv[2:]]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            elif argv[0].endswith(".py"):
+                sys.argv = [str(ROOT / argv[0]), *argv[1:]]
+                runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+            else:
+                module, function = CONSOLE_SCRIPTS[argv[0]].split(":")
+                sys.argv = list(argv)
+                code = getattr(importlib.import_module(module), function)() or 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    finally:
+        sys.argv = saved_argv
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def read_chain(path: Path, chain: str) -> tuple[str, torch.Tensor]:

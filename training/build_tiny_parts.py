@@ -24,7 +24,6 @@ from transformers import (
     BertModel,
     EsmConfig,
     EsmForMaskedLM,
-    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -32,6 +31,7 @@ from transformers import (
 )
 
 from modeling_sepit.atomic_folder import atomic_folder
+from modeling_sepit.cli_sepit import script_parser
 
 PROTEIN_TOKENIZER = Path(__file__).resolve().parent / "recipes" / "tiny" / "protein_tokenizer"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -123,7 +123,7 @@ def build_tiny_parts(args: TinyPartsArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(TinyPartsArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = script_parser([TinyPartsArguments], __doc__).parse_args_into_dataclasses(args=argv)
     print(f"tiny parts written to {build_tiny_parts(args)}")
     return 0
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import load_dataset
-from transformers import HfArgumentParser
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.cli_sepit import script_parser
 from modeling_sepit.evaluation_sepit import SYSTEMS, generate_answers, is_closed
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
@@ -120,8 +120,7 @@ def evaluate_benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(EvaluationArguments, description=__doc__.splitlines()[0])
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser([EvaluationArguments], __doc__)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         # offline: a missing Hub model stops here, not after generating every answer (BERTScore comes last)

@@ -17,11 +17,18 @@ from pathlib import Path
 import yaml
 from peft import LoraConfig, PeftModel
 from transformers import set_seed
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import SFTConfig, SFTTrainer
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.cli_sepit import SFT_CONFIG_DOCS, script_parser
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
-from modeling_sepit.training_sepit import configure_sft, end_training, load_training_splits, save_loss_plot
+from modeling_sepit.training_sepit import (
+    configure_sft,
+    end_training,
+    load_training_splits,
+    mega_batch_steps,
+    save_loss_plot,
+)
 
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_PROJECTIONS = ("query", "key", "value")
@@ -109,8 +116,7 @@ def merge_adapter(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = TrlParser((SepitLoraArguments, SFTConfig))
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser((SepitLoraArguments, SFTConfig), __doc__, SFT_CONFIG_DOCS)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
         require_local_or_cached(script_args.model_name_or_path, "model_name_or_path")  # offline: a missing Hub model
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_state()
 
     if trainer.is_world_process_zero():
-        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", f"LoRA: {output_dir.name}")
+        title = f"LoRA: {output_dir.name}"
+        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title, mega_batch_steps(trainer))
         merged_dir = output_dir / "merged" if script_args.merged_dir is None else script_args.merged_dir
         if merged_dir:
             merge_adapter(script_args.model_name_or_path, output_dir, merged_dir, script_args.dtype)

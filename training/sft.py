@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 from transformers import set_seed
-from trl import SFTConfig, TrlParser
+from trl import SFTConfig
 
 from modeling_sepit import SepitConfig, SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.cli_sepit import SFT_CONFIG_DOCS, script_parser
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
@@ -29,6 +30,7 @@ from modeling_sepit.training_sepit import (
     freeze_modules,
     llm_lengths,
     load_training_splits,
+    mega_batch_steps,
     parameter_counts,
     save_loss_plot,
 )
@@ -131,8 +133,7 @@ def load_model_and_processor(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = TrlParser((SepitSFTArguments, SFTConfig))
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser((SepitSFTArguments, SFTConfig), __doc__, SFT_CONFIG_DOCS)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
         models = ("model_name_or_path", "protein_model_name_or_path", "language_model_name_or_path")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = parameter_counts(model)
         (output_dir / "parameter_counts.json").write_text(json.dumps(counts, indent=2))
         title = f"{'stage 2 (MoE)' if script_args.num_experts else 'stage 1'}: {output_dir.name}"
-        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title)
+        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title, mega_batch_steps(trainer))
         trainer.accelerator.print(f"parameters: {counts}; model saved to {output_dir}")
     end_training(trainer)
     return 0

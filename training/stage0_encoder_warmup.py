@@ -23,11 +23,11 @@ from datasets import load_dataset
 from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
-from trl import TrlParser
 
+from modeling_sepit.cli_sepit import TRAINING_ARGUMENTS_DOCS, script_parser
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
-from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, save_loss_plot
+from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, mega_batch_steps, save_loss_plot
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
 MODEL_OVERRIDES = ("projection_dim", "mlm_probability", "coordinate_noise_scale", "num_gaussian_kernels")
@@ -181,8 +181,7 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = TrlParser((Stage0Arguments, TrainingArguments))
-    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    parser = script_parser((Stage0Arguments, TrainingArguments), __doc__, TRAINING_ARGUMENTS_DOCS)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
         for name in ("model_name_or_path", "protein_model_name_or_path", "text_encoder_name_or_path"):
@@ -196,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", f"stage 0: {output_dir.name}")
+        title = f"stage 0: {output_dir.name}"
+        save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title, mega_batch_steps(trainer))
         trainer.accelerator.print(f"stage-0 model saved to {output_dir}")
     end_training(trainer)
     return 0

@@ -1,13 +1,21 @@
 """Training pieces: per-module learning rates, freezing from a recipe, activated-parameter counts, loss plots, the
 LLM lengths behind length-grouped batches."""
 
+from types import SimpleNamespace
+
+import matplotlib.figure
+import numpy as np
 import pytest
+import torch
 from datasets import load_dataset
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.training_sepit import (
     freeze_modules,
     llm_lengths,
+    loss_curves,
+    mega_batch_steps,
     parameter_counts,
     parameter_groups,
     save_loss_plot,
@@ -70,6 +78,87 @@ def test_loss_plot_written_atomically(tmp_path) -> None:
     assert save_loss_plot([{"learning_rate": 1.0, "step": 1}], tmp_path / "none.png", "stage") is None
 
 
+def zigzag_history(steps: int = 1000, logging_steps: int = 5, period: int = 50, eval_every: int = 200) -> list[dict]:
+    """A `log_history` as a length-grouped run logs it: a decaying trend plus a sawtooth of `period` steps (each
+    mega-batch starts on its longest rows), logged every `logging_steps`, with a validation loss now and then."""
+    history = []
+    for step in range(logging_steps, steps + 1, logging_steps):
+        sawtooth = 0.3 * (0.5 - ((step - 1) % period) / period)  # zero mean over a period
+        history.append({"loss": trend(step) + sawtooth, "train_runtime": step / 10, "step": step})
+        if step % eval_every == 0:
+            history.append({"eval_loss": trend(step) + 0.1, "eval_runtime": 1.0, "step": step})
+    history.append({"train_runtime": 9.0, "train_loss": 1.5, "step": steps})
+    return history
+
+
+def trend(step: float) -> float:
+    return 0.5 + 2.0 * np.exp(-step / 400)
+
+
+def test_loss_plot_smooths_the_length_grouping_zigzag_and_names_each_series(tmp_path, monkeypatch) -> None:
+    history = zigzag_history()
+    curves = {curve.label: curve for curve in loss_curves(history, zigzag_period=50)}
+    raw = next(curve for label, curve in curves.items() if label.startswith("train loss (raw"))
+    smoothed = next(curve for label, curve in curves.items() if label.startswith("train loss (smoothed"))
+    assert "50 steps" in smoothed.label and "every 5 steps" in raw.label
+    # Zig-zag left: the point-to-point jumps around the trend. The sawtooth cancels in every whole window.
+    raw_jumps, smoothed_jumps = (np.diff(curve.values - trend(curve.steps)) for curve in (raw, smoothed))
+    assert smoothed_jumps.std() < 0.001 * raw_jumps.std()
+    # The smoothed line follows the trend (off by the sampled sawtooth's mean) from half a window in at either end ...
+    raw_error, smoothed_error = (np.abs(curve.values - trend(curve.steps)).max() for curve in (raw, smoothed))
+    assert raw_error > 0.13 and smoothed_error < 0.1 * raw_error
+    assert smoothed.steps[0] - raw.steps[0] <= 25 and raw.steps[-1] - smoothed.steps[-1] <= 25
+    # ... and travels the trend's way down, not the raw line's up-and-down path (12 loss units).
+    assert np.abs(np.diff(smoothed.values)).sum() < 1.05 * (trend(raw.steps[0]) - trend(raw.steps[-1]))
+    assert raw.style["alpha"] < 0.5 and smoothed.style["linewidth"] > raw.style["linewidth"]
+    validation = curves["validation loss"]
+    assert validation.steps.tolist() == [200, 400, 600, 800, 1000] and validation.style["marker"] == "o"
+    assert not any("train_loss" in label for label in curves)  # the run's summary mean is no point of the curve
+
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(figure, *args, **kwargs):
+        axis = figure.axes[0]
+        drawn.update(legend=[text.get_text() for text in axis.get_legend().get_texts()], title=axis.get_title())
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    path = save_loss_plot(history, tmp_path / "loss_curve.png", "stage 1: demo", zigzag_period=50)
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes()[:4] == b"\x89PNG"
+    assert drawn["legend"] == list(curves)
+    assert [label.split(" (")[0] for label in drawn["legend"]] == ["train loss", "train loss", "validation loss"]
+    assert "zig-zags every 50 steps" in drawn["title"] and "length-grouped" in drawn["title"]
+    save_loss_plot(history, tmp_path / "plain.png", "stage 0")
+    assert "zig-zags" not in drawn["title"]  # no length grouping, no note
+    # A run shorter than its logging interval logs only its mean: still a point to see.
+    save_loss_plot([{"train_loss": 2.5, "train_runtime": 1.0, "step": 2}], tmp_path / "short.png", "stage 0")
+    assert drawn["legend"] == ["train loss (mean of the run)"]
+
+
+def test_mega_batch_steps_is_the_samplers_period() -> None:
+    def trainer(rows: int, batch: int = 4, accumulation: int = 1, processes: int = 1, strategy="group_by_length"):
+        args = SimpleNamespace(
+            train_sampling_strategy=strategy,
+            train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            world_size=processes,
+        )
+        return SimpleNamespace(args=args, train_dataset=[None] * rows)
+
+    assert mega_batch_steps(trainer(10_000)) == 50
+    assert mega_batch_steps(trainer(10_000, processes=2)) == 25  # each step takes a batch from each process
+    assert mega_batch_steps(trainer(10_000, accumulation=4)) == 50  # a sampler batch is one optimizer step
+    assert mega_batch_steps(trainer(170)) == 10  # small datasets: 4 mega-batches at least
+    assert mega_batch_steps(trainer(10_000, strategy="random")) is None
+    # transformers' sampler: each mega-batch of 50 batches of 4 rows runs longest first.
+    lengths = torch.randperm(1000).tolist()
+    order = [lengths[i] for i in get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(0))]
+    for start in range(0, 1000, 50 * 4):
+        chunk = order[start + 1 : start + 200]  # the sampler may swap each chunk's first row for the longest
+        assert chunk == sorted(chunk, reverse=True)
+
+
 @pytest.mark.parametrize("pooling", [1, 4])
 def test_llm_lengths_follow_the_real_input_lengths(demo_dataset, tiny_parts, pooling) -> None:
     processor = SepitProcessor.from_pretrained_parts(
@@ -77,9 +166,8 @@ def test_llm_lengths_follow_the_real_input_lengths(demo_dataset, tiny_parts, poo
     )
     rows = load_dataset(str(demo_dataset), "instructions", split="train").shuffle(seed=0).select(range(24))
     estimated = llm_lengths(rows[:], processor)
-    real = [
-        processor.apply_chat_template(row["messages"], proteins=[row["sequence"]])["input_ids"].shape[1] for row in rows
-    ]
+    chats = (processor.apply_chat_template(row["messages"], proteins=[row["sequence"]], tokenize=True) for row in rows)
+    real = [input_ids.shape[1] for input_ids in chats]
     # What the estimate leaves out is the chat template's fixed tokens (and a merge or two at its seams).
     overhead = [r - e for r, e in zip(real, estimated, strict=True)]
     assert max(overhead) - min(overhead) <= 4 and min(overhead) > 0
