@@ -1,14 +1,15 @@
 """Ask a SEPIT model a question about a real protein from a structure file.
 
-    python examples/ask.py --model outputs/converted --structure tests/fixtures/structures/biotite__1aki.pdb \\
+    python examples/ask.py --model outputs/main/hub-model --structure examples/data/4hhb.pdb \\
         --chain A --question "What is the function of <protein> ?"
 """
 
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, pipeline
+from transformers import pipeline
 
 import modeling_sepit  # noqa: F401  (registers the "protein-qa" pipeline)
+from modeling_sepit.cli_sepit import script_parser
 
 
 @dataclass
@@ -22,7 +23,7 @@ class AskArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(AskArguments).parse_args_into_dataclasses()
+    (args,) = script_parser([AskArguments], __doc__).parse_args_into_dataclasses()
     qa = pipeline("protein-qa", model=args.model)
     request = {"question": args.question, "structure": args.structure, "chain": args.chain, "sequence": args.sequence}
     print(qa({k: v for k, v in request.items() if v is not None}, max_new_tokens=args.max_new_tokens)["answer"])

@@ -1,12 +1,13 @@
 """Load a Hub-ready SEPIT folder as a user without this project would, and ask it questions: `AutoModel` and
 `pipeline("protein-qa")` with `trust_remote_code=True`, the code coming from the folder itself.
 
-    python examples/reload_and_ask.py outputs/main/hub outputs/main/held_out_requests.json [cpu|cuda]
+    python examples/reload_and_ask.py outputs/main/hub-model outputs/main/held_out_requests.json [cpu|cuda]
 
 Each request is a protein-qa input (`question` + `sequence`, or `structure` + `chain`) with optional `reference` and
 `about` fields, which are printed beside the answer.
 """
 
+import argparse
 import json
 import sys
 
@@ -30,7 +31,11 @@ def main(folder: str, requests_file: str, device: str = "cpu") -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(*sys.argv[1:]))
+    # argparse, not the project's parser: this script must run where only the folder's remote code is importable.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="a Hub-ready SEPIT folder (save_hub_folder)")
+    parser.add_argument("requests_file", help="JSON list of protein-qa requests")
+    parser.add_argument("device", nargs="?", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.print_usage = lambda file=None: None  # argument errors print one line (`--help` still shows the usage)
+    arguments = parser.parse_args()
+    sys.exit(main(arguments.folder, arguments.requests_file, arguments.device))
