@@ -24,9 +24,9 @@ class AskArguments:
 
 def main() -> None:
     (args,) = script_parser([AskArguments], __doc__).parse_args_into_dataclasses()
-    qa = pipeline("protein-qa", model=args.model)
+    qa = pipeline("protein-qa", model=args.model, trust_remote_code=True)
     request = {"question": args.question, "structure": args.structure, "chain": args.chain, "sequence": args.sequence}
-    print(qa({k: v for k, v in request.items() if v is not None}, max_new_tokens=args.max_new_tokens)["answer"])
+    print(qa({k: v for k, v in request.items() if v is not None}, max_new_tokens=args.max_new_tokens)[0]["answer"])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def main(folder: str, requests_file: str, device: str = "cpu") -> int:
         requests = json.load(handle)
     for request in requests:
         shown = {key: request.pop(key, None) for key in ("reference", "about")}
-        answer = qa(request, max_new_tokens=48)["answer"]
+        answer = qa(request, max_new_tokens=48)[0]["answer"]
         print(f"\n[{shown['about']}] {request['question']}\n  answer:    {answer!r}\n  reference: {shown['reference']}")
     return 0
 

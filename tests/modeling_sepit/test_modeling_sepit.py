@@ -4,10 +4,13 @@ import copy
 import json
 import math
 import re
+import shutil
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -20,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils.hub import PushToHubMixin
 
 from modeling_sepit import SepitConfig, SepitForConditionalGeneration, SepitProcessor
 from tests.conftest import PAD_ID, PROTEIN_TOKEN_ID, pad, prompt_ids, protein_batch, run_in_fresh_python, tiny_config
@@ -685,3 +689,25 @@ def test_the_standard_save_pretrained_pair_builds_its_own_pipeline(tmp_path, tin
         assert (folder / "pipeline_protein_qa.py").is_file()
         answer = json.loads(run_in_fresh_python(STANDARD_PAIR_CHECK, [str(folder)], tmp_path).splitlines()[-1])
         assert isinstance(answer[0]["answer"], str)
+
+
+def test_push_to_hub_uploads_the_pipeline_code_with_the_model(model, tmp_path):
+    """`model.push_to_hub` saves through `save_pretrained` into a temporary folder: the upload (patched at the network
+    boundary) holds the remote code, the `protein-qa` pipeline code and `custom_pipelines`."""
+    uploaded = tmp_path / "uploaded"
+
+    def capture(self, folder, repo_id, **kwargs):
+        shutil.copytree(folder, uploaded)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    with (
+        mock.patch("transformers.utils.hub.hf_api") as api,
+        mock.patch("transformers.utils.hub.create_and_tag_model_card", return_value=ModelCard("")),
+        mock.patch.object(PushToHubMixin, "_upload_modified_files", capture),
+    ):
+        api.return_value.create_repo.return_value.repo_id = "me/sepit"
+        model.push_to_hub("me/sepit")
+    assert {"config.json", "model.safetensors", "modeling_sepit.py", "pipeline_protein_qa.py"} <= {
+        path.name for path in uploaded.iterdir()
+    }
+    assert "protein-qa" in json.loads((uploaded / "config.json").read_text())["custom_pipelines"]
