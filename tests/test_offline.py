@@ -260,7 +260,7 @@ def test_pipeline_on_a_saved_folder_opens_no_connection(hub_folder, no_network, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub_offline)  # online mode too: a local folder needs no Hub
     qa = pipeline("protein-qa", model=str(hub_folder), trust_remote_code=True)  # as README says for saved folders
     out = qa({"question": "What is the function of <protein> ?", "sequence": "MKTAYIAKQR"}, max_new_tokens=3)
-    assert isinstance(out["answer"], str)
+    assert isinstance(out[0]["answer"], str)
     model = AutoModel.from_pretrained(hub_folder, trust_remote_code=True)
     assert model.config.model_type == "sepit"
     assert no_network == []

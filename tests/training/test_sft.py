@@ -99,7 +99,13 @@ def test_upcycled_model_at_step_zero_computes_what_the_dense_one_did(parts, stag
     dense = SepitForConditionalGeneration.from_pretrained(stage1).eval()
     batch_rows = load_dataset(str(parts["dataset"]), "instructions", split="train").select(range(4)).to_list()
     proteins = [[{k: row[k] for k in ("sequence", "coords", "coords_mask")}] for row in batch_rows]
-    batch = processor.apply_chat_template([row["messages"] for row in batch_rows], proteins=proteins)
+    batch = processor.apply_chat_template(
+        [row["messages"] for row in batch_rows],
+        proteins=proteins,
+        tokenize=True,
+        return_dict=True,
+        processor_kwargs={"padding": True},
+    )
     with torch.no_grad():
         expected = dense(**batch).logits
         moe = dense.upcycle_to_moe(num_experts=4, num_experts_per_tok=1)
