@@ -12,7 +12,7 @@ from tests.generation.test_utils import GenerationTesterMixin
 from tests.test_configuration_common import ConfigTester
 from tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 from transformers import EsmConfig
-from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.testing_utils import require_torch, torch_device
 
 from modeling_sepit import SepitConfig, SepitForConditionalGeneration, SepitModel
@@ -147,31 +147,28 @@ class SepitModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase)
     # Inputs besides `input_ids` that tests building their own inputs (eager vs SDPA) must pass along.
     additional_model_inputs = ["protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coords_mask"]
     _is_composite = True
+    # The mixin skips `test_can_init_all_missing_weights` for models whose modeling file has no copyright year >= 2023.
+    test_can_init_all_missing_weights_before_2023 = True
     use_coords = True
     num_experts: int | None = None
 
     def setUp(self) -> None:
-        # The mixin tells base models (no loss, skipped by the training tests) by their names in transformers' own
-        # MODEL_MAPPING_NAMES, where a model outside transformers is not: SepitModel is named there for each test.
-        patcher = mock.patch.dict(MODEL_MAPPING_NAMES, {"sepit": SepitModel.__name__})
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        # The mixin tells base models (no loss: skipped by the training tests) and causal-LM heads (given labels, loss
+        # checks) by their names in transformers' own auto mappings, where a model outside transformers is not: SEPIT's
+        # classes are named there for each test, as a model shipped with transformers would be.
+        for names, class_name in (
+            (MODEL_MAPPING_NAMES, SepitModel.__name__),
+            (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, SepitForConditionalGeneration.__name__),
+        ):
+            patcher = mock.patch.dict(names, {"sepit": class_name})
+            patcher.start()
+            self.addCleanup(patcher.stop)
         self.model_tester = SepitProteinText2TextModelTester(
             self, use_coords=self.use_coords, num_experts=self.num_experts
         )
         self.config_tester = ConfigTester(
             self, config_class=SepitConfig, has_text_modality=False, common_properties=["protein_token_id"]
         )
-
-    def _prepare_for_class(self, inputs_dict: dict, model_class: type, return_labels: bool = False) -> dict:
-        """As the mixin, plus LM labels for SepitForConditionalGeneration: the mixin adds them only to classes listed
-        in transformers' own auto mappings (LLaVA's in MODEL_FOR_IMAGE_TEXT_TO_TEXT), where SEPIT is not."""
-        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
-        if return_labels and model_class is SepitForConditionalGeneration:
-            inputs_dict["labels"] = torch.zeros(
-                (self.model_tester.batch_size, self.model_tester.seq_length), dtype=torch.long, device=torch_device
-            )
-        return inputs_dict
 
     def _get_logits_processor_kwargs(self, do_sample: bool = False, config: SepitConfig | None = None) -> dict:
         """The mixin's band-aid for VLMs (never generate the image token, which would need new pixels) keyed on
