@@ -4,19 +4,23 @@
         [--models sepit llava llama] [--output-dir DIR] [-- extra pytest arguments]
 
 SEPIT's tests (this folder) run from this repository; the controls run from the fetched suite's folder, with its own
-conftest.py and pyproject.toml, exactly as transformers runs them. Each run writes a JUnit XML file and a log to
-`--output-dir`, one pair per test file; the counts come from the XML (one row per test, parametrized cases counted
-separately; "no report": a file whose pytest run ended without one).
+conftest.py and pyproject.toml, exactly as transformers runs them: a pytest process per test file. The counts give one
+outcome per test (parametrized cases counted separately), recorded by the `outcome_recorder` plugin here: a test that
+passes with some skipped subtests counts as passed, one with a failing subtest as failed ("no report": a file whose
+pytest run recorded nothing). pytest's own summary line, which also counts subtests, is printed per file. Logs, JUnit
+XML and the recorded outcomes go to `--output-dir`.
 """
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
+
+from outcome_recorder import ENV_VAR as OUTCOMES_ENV_VAR
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -34,61 +38,46 @@ MODELS = {
     "llama": ["tests/models/llama/test_modeling_llama.py"],
 }
 SUMMARY = re.compile(r"\d+ (passed|failed|skipped|errors?|deselected)\b.* in [\d.]+s")
-OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "no report")
-
-
-def outcome(case: ET.Element) -> str:
-    """The outcome of one JUnit <testcase>."""
-    if case.find("failure") is not None:
-        return "failed"
-    if case.find("error") is not None:
-        return "error"
-    skipped = case.find("skipped")
-    if skipped is not None:
-        return "xfailed" if skipped.get("type") == "pytest.xfail" else "skipped"
-    return "passed"
-
-
-def count_outcomes(junit_xml: Path) -> tuple[Counter, list[str]]:
-    """Outcome counts and the ids of failed / errored tests, from a JUnit XML report."""
-    counts: Counter = Counter()
-    failures = []
-    for case in ET.parse(junit_xml).getroot().iter("testcase"):
-        result = outcome(case)
-        counts[result] += 1
-        if result in ("failed", "error"):
-            failures.append(f"{case.get('classname')}::{case.get('name')}")
-    return counts, failures
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "no report")
 
 
 def run_model(model: str, suite: Path, output_dir: Path, extra: list[str]) -> tuple[Counter, list[str]]:
     """Run one model's common tests with pytest, a process per test file (an internal error in one, e.g. a test class
     whose setup needs the Hub, does not end the others); return the outcome counts and the failing tests."""
     cwd = ROOT if model == "sepit" else suite
-    env = {**os.environ, "TRANSFORMERS_TESTS_DIR": str(suite), "HF_HUB_OFFLINE": "1"}
+    python_path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     counts: Counter = Counter()
     failures: list[str] = []
     for path in MODELS[model]:
         name = f"{model}-{Path(path).stem}"
-        junit_xml = output_dir / f"{name}.xml"
-        junit_xml.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "pytest", str(cwd / path), "-p", "no:cacheprovider", "-rfE"]
-        command += [f"--junitxml={junit_xml}", *extra]
+        outcomes_file = output_dir / f"{name}.outcomes.json"
+        outcomes_file.unlink(missing_ok=True)
+        env = {
+            **os.environ,
+            "TRANSFORMERS_TESTS_DIR": str(suite),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": python_path,
+            OUTCOMES_ENV_VAR: str(outcomes_file),
+        }
+        command = [sys.executable, "-m", "pytest", str(cwd / path), "-p", "no:cacheprovider", "-p", "outcome_recorder"]
+        command += ["-rfE", f"--junitxml={output_dir / f'{name}.xml'}", *extra]
         with open(output_dir / f"{name}.log", "w") as log:
             subprocess.run(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-        if not junit_xml.is_file():
-            print(f"{model}: {path}: pytest wrote no report (internal error?); see {output_dir / f'{name}.log'}")
+        outcomes = json.loads(outcomes_file.read_text()) if outcomes_file.is_file() else {}
+        if not outcomes:
+            print(f"{model}: {path}: no test outcome recorded; see {output_dir / f'{name}.log'}")
             counts["no report"] += 1
             continue
-        file_counts, file_failures = count_outcomes(junit_xml)
-        counts.update(file_counts)
-        failures += file_failures
+        counts.update(outcomes.values())
+        failures += [
+            f"{outcome.upper()} {test}" for test, outcome in outcomes.items() if outcome in ("failed", "error")
+        ]
         print(f"{model}: {path}: pytest says: {pytest_summary(output_dir / f'{name}.log')}")
     return counts, failures
 
 
 def pytest_summary(log: Path) -> str:
-    """pytest's own last summary line (it counts subtests and xpassed tests, which the JUnit rows fold in)."""
+    """pytest's own last summary line (which counts subtests too)."""
     lines = [line.strip("= \n") for line in log.read_text(errors="replace").splitlines()]
     found = [line for line in lines if SUMMARY.search(line)]
     return found[-1] if found else "(no summary line)"
@@ -112,11 +101,11 @@ def main() -> None:
         counts, failures = run_model(model, suite, output_dir, args.pytest_args)
         rows.append((model, counts))
         for failure in failures:
-            print(f"{model}: FAILED {failure}")
+            print(f"{model}: {failure}")
     print(f"\n{'model':<8}" + "".join(f"{name:>10}" for name in OUTCOMES) + f"{'total':>10}")
     for model, counts in rows:
         print(f"{model:<8}" + "".join(f"{counts[name]:>10}" for name in OUTCOMES) + f"{sum(counts.values()):>10}")
-    print(f"\nJUnit XML and logs: {output_dir}")
+    print(f"\nLogs, JUnit XML and recorded outcomes: {output_dir}")
 
 
 if __name__ == "__main__":
