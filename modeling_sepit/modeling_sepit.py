@@ -111,7 +111,6 @@ class SepitPreTrainedModel(PreTrainedModel):
     input_modalities = ("protein", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["cache"]
-    _no_split_modules = ["EsmLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"]
     _supports_sdpa = True
     # The LLM takes any implementation; ESM takes flash/flex attention only for proteins without coordinates (the
     # structure bias is an additive mask): `forward` refuses coordinates otherwise, naming the fix.

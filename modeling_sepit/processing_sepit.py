@@ -541,9 +541,9 @@ class SepitDataCollator:
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=True,
-            return_tensors="pt",
+            return_tensors=None,  # lists: transformers places the assistant masks by a Python loop over the offsets
             processor_kwargs={"padding": True, "padding_side": "right"},
-        )
+        ).convert_to_tensors("pt")
         assistant = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
         assistant &= batch["input_ids"] != self.processor.protein_token_id
         empty = (~assistant.any(-1)).nonzero().flatten().tolist()
