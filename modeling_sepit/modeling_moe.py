@@ -73,10 +73,25 @@ def check_gated_mlp(mlp: nn.Module) -> None:
 
 
 def build_moe_layers(language_model: nn.Module, text_config: PreTrainedConfig) -> None:
-    """Replace every FFN by an (uninitialised-router) MoE block: the layout of an MoE checkpoint before loading."""
+    """Replace every FFN by an (uninitialised-router) MoE block: the layout of an MoE checkpoint before loading. The
+    backbone's tensor-parallel plan then names each expert's projections instead of the FFN's."""
     for layer in decoder_layers(language_model):
         check_gated_mlp(layer.mlp)
         layer.mlp = SepitSparseMoeBlock(text_config, layer.mlp)
+    plan_experts(language_model)
 
 
-__all__ = ["SepitSparseMoeBlock", "SepitTopKRouter", "build_moe_layers", "check_gated_mlp", "decoder_layers"]
+def plan_experts(language_model: nn.Module) -> None:
+    """Point the backbone's tensor-parallel plan at each expert's projections instead of the replaced FFN's."""
+    plan = getattr(language_model, "_tp_plan", None) or {}
+    language_model._tp_plan = {key.replace(".mlp.", ".mlp.experts.*."): value for key, value in plan.items()}
+
+
+__all__ = [
+    "SepitSparseMoeBlock",
+    "SepitTopKRouter",
+    "build_moe_layers",
+    "check_gated_mlp",
+    "decoder_layers",
+    "plan_experts",
+]

@@ -27,7 +27,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_tracing
 
 from .configuration_sepit import SepitConfig, add_protein_token
-from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, build_moe_layers, check_gated_mlp, decoder_layers
+from .modeling_moe import (
+    SepitSparseMoeBlock,
+    SepitTopKRouter,
+    build_moe_layers,
+    check_gated_mlp,
+    decoder_layers,
+    plan_experts,
+)
 from .modeling_structure import SepitGaussianKernels, SepitStructureModule
 
 logger = logging.get_logger(__name__)
@@ -117,11 +124,15 @@ class SepitPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Decoding steps compile without a graph break (the prompt pass too, except with protein_pooling > 1).
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, SepitGaussianKernels):
+        if isinstance(module, SepitTopKRouter):
+            init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
+        elif isinstance(module, SepitGaussianKernels):
             # As in the release: means and widths uniform in [0, 3).
             init.uniform_(module.means, 0.0, 3.0)
             init.uniform_(module.stds, 0.0, 3.0)
@@ -323,7 +334,7 @@ class SepitModel(SepitPreTrainedModel):
         protein_coords_mask: torch.BoolTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         use_cache: bool | None = None,
-        output_router_logits: bool = False,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> SepitModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -368,6 +379,9 @@ class SepitModel(SepitPreTrainedModel):
                 placeholder.unsqueeze(-1), protein_features.to(inputs_embeds.device, inputs_embeds.dtype)
             )
 
+        if output_router_logits is None:  # as Mixtral: the config's flag, for an MoE LLM
+            text_config = self.config.text_config
+            output_router_logits = text_config.num_experts is not None and bool(text_config.output_router_logits)
         router_logits: list[torch.Tensor] = []
         # The routers sit inside the LLM backbone, whose own output capturing does not know them: record them here.
         routers = self.language_model.modules() if output_router_logits else ()  # no module walk per decoding step
@@ -541,6 +555,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
     """SEPIT with its LM head: answers questions about proteins given by sequence and optionally structure."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: SepitConfig):
         super().__init__(config)
@@ -724,6 +739,9 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         reference = next(self.model.language_model.parameters())
         for layer in layers:
             layer.mlp = SepitSparseMoeBlock(text_config, layer.mlp).to(device=reference.device, dtype=reference.dtype)
+        plan_experts(self.model.language_model)
+        self.model.init_parallel_plans()  # the experts' tensor-parallel plan, up to the top
+        self.init_parallel_plans()
         return self
 
     @classmethod

@@ -1,6 +1,7 @@
 """SepitProcessor: the LLM tokenizer, the ESM tokenizer and the chat template, from questions and proteins (sequences,
 coordinates or structure files) to the tensors `SepitForConditionalGeneration` takes."""
 
+import dataclasses
 import os
 import re
 import zlib
@@ -47,6 +48,11 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# A template written for transformers' typed contents (lists of {"type": ...} items) tests a content's type or reads
+# its items' types; the others render contents as strings.
+TYPED_CONTENT_TEMPLATE = re.compile(
+    r"\bis\s+(not\s+)?string\b|\[\s*['\"]type['\"]\s*\]|\.type\b|selectattr\(\s*['\"]type"
+)
 # Tokenizer arguments that would split, pair or re-tokenise the texts, so that the proteins could no longer be placed.
 REFUSED_TEXT_KWARGS = (
     "text_pair",
@@ -144,42 +150,61 @@ def to_protein_input(protein: object, where: str = "protein") -> ProteinInput:
     )
 
 
-def split_protein_items(conversation: object, where: str = "conversation") -> tuple[list[dict], list[dict]]:
-    """Chat messages with plain-string contents, and the proteins their typed contents held, in order.
+def _message_dict(message: object) -> object:
+    """A chat message as a dict: transformers also takes message objects (dataclasses, pydantic models)."""
+    if isinstance(message, dict):
+        return message
+    if hasattr(message, "model_dump"):
+        return message.model_dump()
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        return dataclasses.asdict(message)
+    return message
+
+
+def split_protein_items(
+    conversation: object, where: str = "conversation", flatten: bool = True
+) -> tuple[list[dict], list[dict]]:
+    """Chat messages whose protein items became `<protein>` tags, and the proteins those items held, in order.
 
     A content is a string (with `<protein>` tags where proteins go) or, as in transformers' multimodal chats, a list
     of items `{"type": "text", "text": ...}` and `{"type": "protein", "sequence" | "structure" (+ "chain") |
-    "coords" (+ "coords_mask"): ...}`; items are joined with single spaces, each protein item becoming a `<protein>`
-    tag, so that any chat template (which may only render string contents) places them. Keys holding None are
-    ignored (a `datasets` column of items stores every key of every item type)."""
+    "coords" (+ "coords_mask"): ...}`. With `flatten` (for templates that render string contents only, as the
+    default one and most LLMs' do) the items are joined with single spaces; otherwise a content stays a list, each
+    protein item becoming `{"type": "text", "text": "<protein>"}`, for templates written for typed contents. Keys
+    holding None are ignored (a `datasets` column of items stores every key of every item type)."""
     if not isinstance(conversation, list | tuple) or not conversation:
         raise ValueError(f"{where}: give a non-empty list of {{'role', 'content'}} messages")
     messages, proteins = [], []
     for j, message in enumerate(conversation):
+        message = _message_dict(message)
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}[{j}]: a message is a dict with 'role' and 'content'")
         role, content = message["role"], message["content"]
         if role not in CHAT_ROLES:
             raise ValueError(f"{where}[{j}].role={role!r} is not a chat role; use one of {', '.join(CHAT_ROLES)}")
         if isinstance(content, list | tuple):
-            parts = []
+            items = []
             for k, item in enumerate(content):
-                item = (
-                    {key: value for key, value in item.items() if value is not None} if isinstance(item, dict) else {}
-                )
+                item = {
+                    key: value for key, value in (item.items() if isinstance(item, dict) else ()) if value is not None
+                }
                 kind = item.pop("type", None)
                 if kind == "text" and isinstance(item.get("text"), str):
-                    parts.append(item["text"])
+                    items.append({**item, "type": "text"})
                 elif kind == "protein":
                     proteins.append(item)
-                    parts.append(PROTEIN_TOKEN)
+                    items.append({"type": "text", "text": PROTEIN_TOKEN})
                 else:
                     raise ValueError(
                         f"{where}[{j}].content[{k}]: items are {{'type': 'text', 'text': str}} or {{'type': 'protein', "
                         f"'sequence' | 'structure' | 'coords': ...}}, got type {kind!r} (a protein model reads no "
                         "images, video or audio)"
                     )
-            content = " ".join(parts)
+            text = " ".join(item["text"] for item in items)
+            if not flatten and (text.strip() or role != "user"):
+                messages.append({**message, "content": items})
+                continue
+            content = text
         if not isinstance(content, str) or (role == "user" and not content.strip()):
             raise ValueError(
                 f"{where}[{j}]: {role} content must be a string or a list of text/protein items, non-empty for a user "
@@ -348,16 +373,13 @@ class SepitProcessor(ProcessorMixin):
         self,
         text: str | list[str] | None = None,
         proteins: object = None,
-        images: object = None,
-        videos: object = None,
-        audio: object = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text` (with `<protein>` tags) and `proteins` (one per tag: a list per text, or a flat list in tag
         order). Tokenizer arguments, flat or as `text_kwargs={...}`, are applied to the expanded text. Returns
         `input_ids`, `attention_mask` and the protein tensors (`return_tensors`: "pt" by default, "np", or None)."""
-        for name, value in (("images", images), ("videos", videos), ("audio", audio)):
-            if value is not None:
+        for name in ("images", "videos", "audio"):  # None from ProcessorMixin.apply_chat_template
+            if kwargs.pop(name, None) is not None:
                 raise ValueError(f"{name}: SEPIT reads proteins (sequence, structure file or coordinates), not {name}")
         if text is None or (isinstance(text, list | tuple) and not text):
             raise ValueError("text: no question given; pass a string (or list of strings) with `<protein>` tags")
@@ -440,9 +462,12 @@ class SepitProcessor(ProcessorMixin):
         `split_protein_items`)."""
         batched = isinstance(conversation, list | tuple) and bool(conversation) and isinstance(conversation[0], list)
         conversations = list(conversation) if batched else [conversation]
+        template = self._resolve_chat_template(chat_template)
+        flatten = not TYPED_CONTENT_TEMPLATE.search(template)  # typed contents only for templates that read them
         flattened, item_proteins = [], []
         for i, chat in enumerate(conversations):
-            messages, found = split_protein_items(chat, f"conversation[{i}]" if batched else "conversation")
+            where = f"conversation[{i}]" if batched else "conversation"
+            messages, found = split_protein_items(chat, where, flatten=flatten)
             flattened.append(messages)
             item_proteins.append(found)
         if any(item_proteins):
@@ -530,8 +555,9 @@ class SepitDataCollator:
 
     def __call__(self, examples: Sequence[dict]) -> BatchFeature:
         conversations, proteins = [], []
+        flatten = not TYPED_CONTENT_TEMPLATE.search(self.processor.chat_template)
         for i, example in enumerate(examples):
-            messages, items = split_protein_items(example.get("messages"), f"examples[{i}].messages")
+            messages, items = split_protein_items(example.get("messages"), f"examples[{i}].messages", flatten)
             key = str(example["messages"])
             conversations.append(messages)
             proteins.append([self._maybe_drop(p, f"{k}:{key}") for k, p in enumerate(items or self._proteins(example))])

@@ -711,3 +711,25 @@ def test_push_to_hub_uploads_the_pipeline_code_with_the_model(model, tmp_path):
         path.name for path in uploaded.iterdir()
     }
     assert "protein-qa" in json.loads((uploaded / "config.json").read_text())["custom_pipelines"]
+
+
+@pytest.mark.parametrize("built", ["from_config", "upcycled"])
+def test_moe_parallel_plan_router_init_and_router_logits_from_config(prompt, built):
+    torch.manual_seed(0)
+    if built == "from_config":
+        model = SepitForConditionalGeneration(tiny_config(num_experts=2)).eval()
+    else:
+        model = SepitForConditionalGeneration(tiny_config()).eval().upcycle_to_moe(num_experts=2)
+    names = [name for name, _ in model.named_modules()]
+    for pattern in model.tp_plan:  # every tensor-parallel entry names modules that exist (the experts' projections)
+        regex = re.compile(pattern.replace(".", r"\.").replace("*", r"\d+"))
+        assert any(regex.fullmatch(name) for name in names), pattern
+    assert model.tp_plan["lm_head"] == "colwise_gather_output"
+    router = model.model.language_model.layers[0].mlp.gate
+    router.weight.data.zero_()
+    model._init_weights(router)  # what from_pretrained runs for weights a checkpoint lacks
+    assert router.weight.std() > 0
+    model.config.text_config.output_router_logits = True
+    with torch.no_grad():
+        routed = model.model(**prompt)
+    assert len(routed.router_logits) == model.config.text_config.num_hidden_layers

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -448,3 +449,32 @@ def test_collator_refuses_examples_with_nothing_to_learn(processor):
 def test_arguments_the_processor_cannot_honour_are_refused(processor, kwargs, message):
     with pytest.raises(ValueError, match=message):
         processor(text="What is <protein> ?", proteins="MKTAYIAK", **kwargs)
+
+
+TYPED_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}\n"
+    "{% endfor %}"
+)
+
+
+def test_templates_written_for_typed_contents_get_typed_contents(processor, real_proteins):
+    """A template that reads items (transformers' message format) gets lists, each protein item as a text item
+    holding `<protein>`; the default template (strings only) gets the items joined."""
+    sequence = real_proteins[2][0]
+    chat = [{"role": "user", "content": [{"type": "protein", "sequence": sequence}, {"type": "text", "text": "What?"}]}]
+    assert processor.apply_chat_template(chat, chat_template=TYPED_TEMPLATE) == "user: <protein>What?"
+    out = processor.apply_chat_template(chat, chat_template=TYPED_TEMPLATE, tokenize=True, return_dict=True)
+    assert (out["input_ids"] == processor.protein_token_id).sum() == len(sequence) + 2
+
+
+def test_message_objects_are_messages(processor):
+    @dataclass
+    class Message:
+        role: str
+        content: str
+
+    objects = [Message("user", "What is a kinase ?")]
+    assert processor.apply_chat_template(objects) == processor.apply_chat_template(
+        [{"role": "user", "content": "What is a kinase ?"}]
+    )
