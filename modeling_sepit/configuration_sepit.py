@@ -1,6 +1,14 @@
 """SEPIT configuration: an ESM-2 protein encoder, its structure module, a projector and a causal LM."""
 
+import dataclasses
+import functools
+import math
+import re
+import types
+import typing
+
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError, StrictDataclassFieldValidationError
 from transformers import CONFIG_MAPPING, AddedToken, AutoConfig, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -18,13 +26,25 @@ def add_protein_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 # Mixture-of-experts fields live on the text config, where TRL and `load_balancing_loss_func` read them.
-MOE_FIELDS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "norm_topk_prob", "output_router_logits")
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "router_aux_loss_coef",
+    "norm_topk_prob",
+    "output_router_logits",
+    "expert_capacity_factor",
+    "expert_eval_capacity_factor",
+    "expert_min_capacity",
+)
 MOE_DEFAULTS = {
     "num_experts": None,
     "num_experts_per_tok": 1,
     "router_aux_loss_coef": 0.01,
     "norm_topk_prob": True,
     "output_router_logits": False,
+    "expert_capacity_factor": None,
+    "expert_eval_capacity_factor": None,
+    "expert_min_capacity": 4,
 }
 
 
@@ -54,6 +74,10 @@ class SepitConfig(PreTrainedConfig):
         num_experts, num_experts_per_tok, router_aux_loss_coef, norm_topk_prob, output_router_logits: mixture of
             experts in every LLM feed-forward (`num_experts=None`: dense). Written to `text_config`, which the model
             and TRL read; the top-level copies mirror it.
+        expert_capacity_factor, expert_eval_capacity_factor, expert_min_capacity: DeepSpeed's expert capacity in
+            training and in evaluation (None: no dropping, the default; the original trained at 1.25 and evaluated
+            at 2.0): an expert takes at most max(min_capacity, ceil(top_k * tokens / num_experts * factor))
+            assignments of a batch, first choices first, then in token order; the rest are dropped.
     """
 
     model_type = "sepit"
@@ -78,6 +102,9 @@ class SepitConfig(PreTrainedConfig):
     router_aux_loss_coef: float | None = None
     norm_topk_prob: bool | None = None
     output_router_logits: bool | None = None
+    expert_capacity_factor: float | None = None
+    expert_eval_capacity_factor: float | None = None
+    expert_min_capacity: int | None = None
 
     def __post_init__(self, **kwargs):
         # Checked before AutoConfig resolves them, whose error would list every model type but not name the field.
@@ -87,6 +114,13 @@ class SepitConfig(PreTrainedConfig):
             if model_type is not None and model_type not in CONFIG_MAPPING:
                 valid = "'esm' (an ESM-2 config)" if name == "protein_config" else "a causal LM's, e.g. 'llama'"
                 raise ValueError(f"{name}.model_type={model_type!r} is not a transformers model type; use {valid}")
+            if isinstance(sub, dict):
+                # Resolved here rather than by the base class, so that a wrong type inside names its sub-config.
+                try:
+                    resolved, _ = spec.create_subconfig(name, sub)
+                except StrictDataclassError as error:
+                    raise ValueError(config_error_message(error, sub, CONFIG_MAPPING[model_type], f"{name}.")) from error
+                setattr(self, name, resolved)
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
@@ -116,6 +150,17 @@ class SepitConfig(PreTrainedConfig):
             raise ValueError(f"protein_feature_layer={self.protein_feature_layer} is outside [-{layers + 1}, {layers}]")
         if self.protein_pooling < 1:
             raise ValueError(f"protein_pooling must be >= 1 (1: a token per position), got {self.protein_pooling}")
+        if self.protein_token_id < 0:
+            raise ValueError(f"protein_token_id must be a token id >= 0, got {self.protein_token_id}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            special = getattr(self.text_config, name, None)
+            if self.protein_token_id in (special if isinstance(special, list | tuple) else [special]):
+                raise ValueError(
+                    f"protein_token_id={self.protein_token_id} is the LLM's text_config.{name}: `<protein>` needs an id "
+                    "of its own (SepitProcessor.from_pretrained_parts adds one: use processor.protein_token_id)"
+                )
+        if not math.isfinite(self.structure_embedding_scale):
+            raise ValueError(f"structure_embedding_scale must be a finite number, got {self.structure_embedding_scale}")
         if self.original_compat and self.protein_pooling != 1:
             raise ValueError(
                 f"protein_pooling={self.protein_pooling} needs original_compat=False: the original release splices one "
@@ -134,6 +179,56 @@ class SepitConfig(PreTrainedConfig):
             per_token = self.text_config.num_experts_per_tok
             if not 1 <= per_token <= experts:
                 raise ValueError(f"num_experts_per_tok must be in [1, num_experts={experts}], got {per_token}")
+        coefficient = self.text_config.router_aux_loss_coef
+        if not (math.isfinite(coefficient) and coefficient >= 0):
+            raise ValueError(f"router_aux_loss_coef must be a finite number >= 0 (0: no load balancing), got {coefficient}")
+        for name in ("expert_capacity_factor", "expert_eval_capacity_factor"):
+            factor = getattr(self.text_config, name, None)
+            if factor is not None and not factor > 0:
+                raise ValueError(f"{name} must be > 0 (DeepSpeed's capacity factor) or None (no dropping): {factor}")
 
+
+def _readable_type(annotation: object) -> str:
+    """A field's annotation as a user reads it: `int | None` -> 'int or None'."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_readable_type(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Literal:
+        return " or ".join(repr(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_error_message(error: StrictDataclassError, values: dict, config_class: type, prefix: str = "") -> str:
+    """A strict-dataclass error (not a ValueError, and naming neither the sub-config nor what is valid) as a message
+    naming the field, its value and the type it must have."""
+    cause = error.__cause__ or error
+    found = re.search(r"field '([^']+)'", str(error)) if isinstance(error, StrictDataclassFieldValidationError) else None
+    if found is None:
+        return f"{prefix.rstrip('.') or config_class.__name__}: {cause}"
+    name = found.group(1)
+    field = {field.name: field for field in dataclasses.fields(config_class)}.get(name)
+    valid = f"it must be {_readable_type(field.type)}" if field is not None else str(cause)
+    if name not in values:
+        return f"{prefix}{name}: wrong type; {valid}"
+    value = values[name]
+    return f"{prefix}{name}={value!r} has type {type(value).__name__}; {valid}"
+
+
+def _named_type_errors(init: typing.Callable) -> typing.Callable:
+    """Wrap `SepitConfig.__init__`: a value of the wrong type is a ValueError naming the field (a hand-edited
+    config.json with `"num_gaussian_kernels": "128"`), which the CLIs report in one line."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            raise ValueError(config_error_message(error, kwargs, type(self))) from error
+
+    return __init__
+
+
+SepitConfig.__init__ = _named_type_errors(SepitConfig.__init__)
 
 __all__ = ["PROTEIN_TOKEN", "SepitConfig", "add_protein_token"]

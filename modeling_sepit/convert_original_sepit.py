@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, EsmConfig
@@ -53,7 +54,9 @@ class ConversionArguments:
     input_dir: str = field(
         metadata={"help": "Folder in the original release layout (config.json with model_type 'pit')."}
     )
-    output_dir: str = field(metadata={"help": "Where to write the SEPIT-HF folder (replaced atomically)."})
+    output_dir: str = field(
+        metadata={"help": "SEPIT-HF folder to write (replaced atomically; new, empty, or an earlier conversion)."}
+    )
     protein_padding_length: int = field(
         default=1024, metadata={"help": "Positions the release padded every protein to (1024; the fixtures use 48)."}
     )
@@ -63,6 +66,7 @@ class ConversionArguments:
             "help": "expected_outputs.safetensors computed by the original code: check the conversion against it."
         },
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir even if it holds other files."})
 
     def __post_init__(self) -> None:
         if self.expected_outputs and not Path(self.expected_outputs).is_file():
@@ -182,16 +186,30 @@ def read_experts(input_dir: Path, config: SepitConfig) -> dict[str, torch.Tensor
 
 
 def convert(
-    input_dir: str | os.PathLike, output_dir: str | os.PathLike, protein_padding_length: int = 1024
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    protein_padding_length: int = 1024,
+    overwrite: bool = False,
+    expected_outputs: str | os.PathLike | None = None,
 ) -> SepitForConditionalGeneration:
     """Convert model and tokenizers (as a `SepitProcessor` in compat mode) and write `output_dir` atomically: a crash
-    leaves any previous folder intact."""
+    leaves any previous folder intact. `output_dir` must be new, empty or an earlier conversion (else `overwrite`),
+    and never the input folder or inside it (nor around it, nor around `expected_outputs`, which the check reads)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if protein_padding_length < 3:
         raise ValueError(
             f"protein_padding_length={protein_padding_length} must be at least 3 (<cls>, one residue, <eos>); the "
             "release used 1024"
         )
+    inputs = [input_dir, expected_outputs]
+    with atomic_folder(output_dir, "convert_original_sepit", inputs, overwrite) as staging:  # checked before reading
+        model = _converted_model(input_dir)
+        _save_converted(model, input_dir, staging, protein_padding_length)
+    return model
+
+
+def _converted_model(input_dir: Path) -> SepitForConditionalGeneration:
+    """The original weights (and experts) in a SEPIT-HF model, every tensor checked against its config."""
     original = read_original_config(input_dir)
     state_dict = read_original_weights(input_dir)
     means = state_dict.get("model.structure_module.gaussian_kernels.means")
@@ -221,28 +239,31 @@ def convert(
     if wrong:
         raise ValueError(f"weights do not fit the shapes config.json gives: {wrong[:4]}")
     model.load_state_dict(state_dict, strict=True)
-    model.eval()
+    return model.eval()
 
-    with atomic_folder(output_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizers = {name: input_dir / name for name in ("text_tokenizer", "protein_tokenizer")}
-        missing = [name for name, path in tokenizers.items() if not path.is_dir()]
-        if missing:
-            raise ValueError(f"input_dir: {input_dir} lacks {missing}, the tokenizer folders of a release")
-        processor = SepitProcessor(
-            tokenizer=AutoTokenizer.from_pretrained(tokenizers["text_tokenizer"]),
-            protein_tokenizer=AutoTokenizer.from_pretrained(tokenizers["protein_tokenizer"]),
-            max_protein_length=protein_padding_length - 2,
-            original_compat=True,
-            protein_padding_length=protein_padding_length,
+
+def _save_converted(
+    model: SepitForConditionalGeneration, input_dir: Path, staging: Path, protein_padding_length: int
+) -> None:
+    """The model and the release's tokenizers, as a `SepitProcessor` in compat mode, into `staging`."""
+    model.save_pretrained(staging)
+    tokenizers = {name: input_dir / name for name in ("text_tokenizer", "protein_tokenizer")}
+    missing = [name for name, path in tokenizers.items() if not path.is_dir()]
+    if missing:
+        raise ValueError(f"input_dir: {input_dir} lacks {missing}, the tokenizer folders of a release")
+    processor = SepitProcessor(
+        tokenizer=AutoTokenizer.from_pretrained(tokenizers["text_tokenizer"]),
+        protein_tokenizer=AutoTokenizer.from_pretrained(tokenizers["protein_tokenizer"]),
+        max_protein_length=protein_padding_length - 2,
+        original_compat=True,
+        protein_padding_length=protein_padding_length,
+    )
+    if processor.protein_token_id != model.config.protein_token_id:
+        raise ValueError(
+            f"text_tokenizer: `<protein>` has id {processor.protein_token_id}, the config says "
+            f"{model.config.protein_token_id}"
         )
-        if processor.protein_token_id != config.protein_token_id:
-            raise ValueError(
-                f"text_tokenizer: `<protein>` has id {processor.protein_token_id}, the config says "
-                f"{config.protein_token_id}"
-            )
-        processor.save_pretrained(staging)
-    return model
+    processor.save_pretrained(staging)
 
 
 def expand_protein_tokens(
@@ -327,12 +348,46 @@ def verify_conversion(model: SepitForConditionalGeneration, expected_outputs: st
     return figures
 
 
+def kernel_report(model: SepitForConditionalGeneration) -> dict[str, float | bool]:
+    """What the release's structure module learned: the Gaussian kernels' means and widths, and how much the attention
+    bias it gives a residue pair varies with their distance over 2-40 Angstrom (max over heads of max - min).
+
+    The original builds its kernels with `nn.init.uniform_` in the constructor, but always loads the encoder with
+    `from_pretrained`, which (transformers 4.39) leaves such weights at 0; with mean = width = 0 their gradient is 0
+    too, so they never move, and the bias would not depend on distance at all: `degenerate` says so."""
+    structure = model.model.structure_module
+    kernels = structure.gaussian_kernels
+    with torch.no_grad():
+        distances = torch.linspace(2.0, 40.0, 77)
+        bias = structure.kernel_proj_out(F.gelu(structure.kernel_proj_in(kernels(distances))))  # (distances, heads)
+        variation = float((bias.max(0).values - bias.min(0).values).max())
+    report = {
+        "means_min": float(kernels.means.min()),
+        "means_max": float(kernels.means.max()),
+        "widths_min": float(kernels.stds.abs().min()),
+        "widths_max": float(kernels.stds.abs().max()),
+        "bias_variation_2_40A": variation,
+    }
+    report["degenerate"] = variation < 1e-6
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = script_parser([ConversionArguments], __doc__)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
-        model = convert(args.input_dir, args.output_dir, args.protein_padding_length)
+        model = convert(
+            args.input_dir, args.output_dir, args.protein_padding_length, args.overwrite, args.expected_outputs
+        )
         print(f"converted {args.input_dir} -> {args.output_dir}")
+        report = kernel_report(model)
+        print("structure kernels: " + ", ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "degenerate"))
+        if report["degenerate"]:
+            print(
+                "the release's structure bias does not vary with distance between 2 and 40 A: its Gaussian kernels "
+                "were never trained (means and widths left at their load-time value); the structure enters only "
+                "through a distance-independent bias"
+            )
         if args.expected_outputs:
             figures = verify_conversion(model, args.expected_outputs)
             print("parity with the original outputs: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))

@@ -21,7 +21,6 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_tracing
@@ -33,6 +32,7 @@ from .modeling_moe import (
     build_moe_layers,
     check_gated_mlp,
     decoder_layers,
+    load_balancing_loss,
     plan_experts,
 )
 from .modeling_structure import SepitGaussianKernels, SepitStructureModule
@@ -130,10 +130,9 @@ class SepitPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, SepitTopKRouter):
-            init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
-        elif isinstance(module, SepitGaussianKernels):
-            # As in the release: means and widths uniform in [0, 3).
+        if isinstance(module, SepitGaussianKernels):
+            # The original's constructor draws means and widths uniform in [0, 3); its release (loaded with
+            # from_pretrained) kept them at 0 (`convert_original_sepit.kernel_report`). New models learn them.
             init.uniform_(module.means, 0.0, 3.0)
             init.uniform_(module.stds, 0.0, 3.0)
 
@@ -209,6 +208,7 @@ class SepitModel(SepitPreTrainedModel):
         self.structure_module = SepitStructureModule(config)
         self.multi_modal_projector = SepitMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        init_routers_too(self.language_model)
         if config.text_config.num_experts is not None:
             build_moe_layers(self.language_model, config.text_config)
         # ESM-2 checkpoints hold the layers above the projected one, which SEPIT never computes.
@@ -426,6 +426,21 @@ class SepitModel(SepitPreTrainedModel):
             )
 
 
+def init_routers_too(language_model: PreTrainedModel) -> None:
+    """Let the LLM backbone's own `_init_weights` (which transformers applies to every module inside it, e.g. to
+    weights a checkpoint lacks) initialise the MoE routers too, as its linear layers."""
+    llm_init_weights = language_model._init_weights
+    std = getattr(language_model.config, "initializer_range", 0.02)
+
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, SepitTopKRouter):
+            init.normal_(module.weight, std=std)
+        else:
+            llm_init_weights(module)
+
+    language_model._init_weights = _init_weights
+
+
 def keep_feature_layers(protein_model: EsmModel, feature_layer: int) -> None:
     """Drop the ESM layers above the projected hidden state, with the final layer norm and the contact head: they
     would be computed on every forward and never used (and DDP would need `find_unused_parameters`). The projected
@@ -637,7 +652,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **kwargs)
         aux_loss = None
         if output_router_logits and moe:
-            aux_loss = load_balancing_loss_func(
+            aux_loss = load_balancing_loss(
                 outputs.router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
             )
             if loss is not None:
@@ -712,10 +727,14 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         num_experts_per_tok: int = 1,
         norm_topk_prob: bool = True,
         router_aux_loss_coef: float = 0.01,
+        expert_capacity_factor: float | None = None,
+        expert_eval_capacity_factor: float | None = None,
     ) -> "SepitForConditionalGeneration":
         """Turn every dense LLM FFN into `num_experts` copies of itself behind a new router (SEPIT stage 2).
 
-        With `norm_topk_prob=True` the upcycled model computes what the dense one did, whatever the router says.
+        With `norm_topk_prob=True` the upcycled model computes what the dense one did, whatever the router says (and
+        at top-1 the router still learns from the language-model loss: see `SepitTopKRouter`). Capacity factors:
+        see `SepitConfig` (None: no token is dropped).
         """
         text_config = self.config.text_config
         if text_config.num_experts is not None:
@@ -732,7 +751,12 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             "num_experts_per_tok": num_experts_per_tok,
             "norm_topk_prob": norm_topk_prob,
             "router_aux_loss_coef": router_aux_loss_coef,
+            "expert_capacity_factor": expert_capacity_factor,
+            "expert_eval_capacity_factor": expert_eval_capacity_factor,
         }
+        for name in ("expert_capacity_factor", "expert_eval_capacity_factor"):
+            if settings[name] is not None and not settings[name] > 0:
+                raise ValueError(f"{name} must be > 0 (DeepSpeed's capacity factor) or None (no dropping)")
         for name, value in settings.items():
             setattr(text_config, name, value)
             setattr(self.config, name, value)
@@ -794,6 +818,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             model = cls(config)
         model.model.protein_model = protein_model
         model.model.language_model = causal_lm.get_decoder()
+        init_routers_too(model.model.language_model)
         model.lm_head = causal_lm.get_output_embeddings()
         for fresh, dtype in (
             (model.model.structure_module, protein_model.dtype),

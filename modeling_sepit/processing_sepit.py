@@ -49,9 +49,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # A template written for transformers' typed contents (lists of {"type": ...} items) tests a content's type or reads
-# its items' types; the others render contents as strings.
+# its items' fields (item['type'], item.text, selectattr('type', ...)); the others render contents as strings.
 TYPED_CONTENT_TEMPLATE = re.compile(
-    r"\bis\s+(not\s+)?string\b|\[\s*['\"]type['\"]\s*\]|\.type\b|selectattr\(\s*['\"]type"
+    r"\bis\s+(not\s+)?string\b|\[\s*['\"](type|text)['\"]\s*\]|\.(type|text)\b|selectattr\(\s*['\"]type"
 )
 # Tokenizer arguments that would split, pair or re-tokenise the texts, so that the proteins could no longer be placed.
 REFUSED_TEXT_KWARGS = (
@@ -518,7 +518,8 @@ class SepitDataCollator:
     """Training batches from examples `{"messages": [...], "proteins": [...]}`, messages with protein items, or dataset
     rows with `messages`, `sequence`, `coords`, `coords_mask`: right-padded, `labels` on assistant turns only (the chat
     template's `{% generation %}` spans), and each protein's structure dropped with probability `structure_dropout`
-    (SEPIT stage 1: 0.15)."""
+    (SEPIT stage 1: 0.15), drawn anew at every visit: call `set_epoch` at each epoch (the training scripts do it with
+    `training_sepit.StructureDropoutEpochs`), as for a sampler."""
 
     def __init__(self, processor: SepitProcessor, structure_dropout: float = 0.15, seed: int | None = None):
         if not 0.0 <= structure_dropout <= 1.0:
@@ -532,14 +533,21 @@ class SepitDataCollator:
         self.processor = processor
         self.structure_dropout = structure_dropout
         self.seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the structure drops of another visit of the data: decided per (seed, epoch, example, protein), the
+        same 15% would otherwise never see their structure in any epoch."""
+        self.epoch = int(epoch)
 
     def _maybe_drop(self, protein: object, key: str) -> object:
-        """Drop decided by (seed, example, protein) alone, not by a running generator, so a resumed run (whose skipped
-        batches never reach the collator) drops exactly what an uninterrupted one would."""
+        """Drop decided by (seed, epoch, example, protein) alone, not by a running generator, so a resumed run (whose
+        skipped batches never reach the collator) drops exactly what an uninterrupted one would."""
         protein = to_protein_input(protein)
         if protein.coords is None:
             return protein
-        if np.random.default_rng([self.seed, zlib.crc32(key.encode())]).random() < self.structure_dropout:
+        draw = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())]).random()
+        if draw < self.structure_dropout:
             return ProteinInput(protein.sequence)
         return protein
 

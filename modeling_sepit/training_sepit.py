@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from datasets import Dataset, load_dataset
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
-from .modeling_moe import SepitSparseMoeBlock
-from .processing_sepit import SepitProcessor
+from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, load_balancing_loss
+from .processing_sepit import SepitDataCollator, SepitProcessor
 
 # Top-level parts of `SepitModel`, as named in a recipe's `freeze` list and in learning-rate scales.
 MODULES = ("protein_model", "structure_module", "multi_modal_projector", "language_model")
@@ -128,13 +128,97 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
 
 
-class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
-    """`SFTTrainer` whose optimizer gives the encoder and the LLM their own learning-rate scale."""
+LOSS_REDUCTIONS = ("token", "sequence")
 
-    def __init__(self, *args, encoder_lr_scale: float = 1.0, language_model_lr_scale: float = 1.0, **kwargs):
+
+class StructureDropoutEpochs(TrainerCallback):
+    """Tells the collator which epoch begins, so that its structure drops are drawn anew at every visit; on resume
+    the Trainer restores the epoch, so the draws are those of the uninterrupted run."""
+
+    def __init__(self, collator: SepitDataCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        self.collator.set_epoch(int(state.epoch or 0))
+
+
+class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+    """`SFTTrainer` whose optimizer gives the encoder and the LLM their own learning-rate scale, with two of the
+    original's training choices:
+
+    - `loss_reduction`: "token" (TRL's: the mean over every answer token of the batch, so a one-word yes/no answer
+      weighs ~20 times less than a 22-word one) or "sequence" (the original's: the mean over each sequence's answer
+      tokens, then over sequences; computed on TRL's fused LM head outputs, never on full logits);
+    - the MoE load-balancing loss per layer, summed over layers (`load_balancing_loss`), weighted by the model's
+      `router_aux_loss_coef`, instead of TRL's, which pools all layers' router logits first.
+    """
+
+    def __init__(
+        self,
+        *args,
+        encoder_lr_scale: float = 1.0,
+        language_model_lr_scale: float = 1.0,
+        loss_reduction: str = "token",
+        **kwargs,
+    ):
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         self.encoder_lr_scale = encoder_lr_scale
         self.language_model_lr_scale = language_model_lr_scale
+        self.loss_reduction = loss_reduction
         super().__init__(*args, **kwargs)
+        # TRL's pooled balancing loss is replaced by the per-layer one (with TRL's coefficient, which it read from
+        # SFTConfig.router_aux_loss_coef or the model's config): routers are recorded by hooks during the forward.
+        self.sepit_aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
+        self.aux_loss_enabled = False
+        text_config = self.model.config.get_text_config()
+        if hasattr(text_config, "output_router_logits"):
+            text_config.output_router_logits = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        routers = [module for module in model.modules() if isinstance(module, SepitTopKRouter)]
+        router_logits: list[torch.Tensor] = []
+        hooks = [
+            router.register_forward_hook(lambda _module, _args, output: router_logits.append(output[0]))
+            for router in (routers if self.sepit_aux_loss_coef else ())
+        ]
+        try:
+            if self.loss_reduction == "token":
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                result = self._sequence_mean_loss(model, inputs, num_items_in_batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        loss, outputs = result if isinstance(result, tuple) else (result, None)
+        if router_logits:
+            text_config = self.model.config.get_text_config()
+            aux_loss = load_balancing_loss(
+                tuple(router_logits), text_config.num_experts, text_config.num_experts_per_tok, inputs["attention_mask"]
+            )
+            # A per-micro-batch mean, as TRL's: with `num_items_in_batch` the Trainer leaves accumulation to the loss.
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.sepit_aux_loss_coef * aux_loss / steps
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def _sequence_mean_loss(self, model, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """Mean over sequences of each sequence's mean answer-token loss, from TRL's fused LM head (log-probabilities
+        of the labels, zero where ignored). Micro-batches are averaged (the original trained one sequence per
+        device), and DDP averages devices."""
+        outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+        counts = outputs.label_mask.sum(-1)
+        per_sequence = -outputs.log_probs.sum(-1) / counts.clamp(min=1)
+        present = (counts > 0).to(per_sequence.dtype)
+        loss = (per_sequence * present).sum() / present.sum().clamp(min=1)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:  # the Trainer will not divide
+            loss = loss / self.current_gradient_accumulation_steps
+        mode = "train" if self.model.training else "eval"
+        valid = self.accelerator.gather_for_metrics(counts.sum()).sum()
+        correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        return loss
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -344,8 +428,10 @@ def save_loss_plot(
 __all__ = [
     "AtomicCheckpointMixin",
     "ENCODER_MODULES",
+    "LOSS_REDUCTIONS",
     "MODULES",
     "SepitSFTTrainer",
+    "StructureDropoutEpochs",
     "LossCurve",
     "freeze_modules",
     "mega_batch_steps",

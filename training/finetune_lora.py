@@ -17,12 +17,14 @@ from pathlib import Path
 import yaml
 from peft import LoraConfig, PeftModel
 from transformers import set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.cli_sepit import SFT_CONFIG_DOCS, script_parser
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
 from modeling_sepit.training_sepit import (
+    SepitSFTTrainer,
+    StructureDropoutEpochs,
     configure_sft,
     end_training,
     load_training_splits,
@@ -137,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune_lora: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
-    trainer = SFTTrainer(
+    collator = SepitDataCollator(processor, script_args.structure_dropout, seed=training_args.seed)
+    trainer = SepitSFTTrainer(
         model=model,
         args=training_args,
-        data_collator=SepitDataCollator(processor, script_args.structure_dropout, seed=training_args.seed),
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
+        callbacks=[StructureDropoutEpochs(collator)],
         peft_config=lora_config(script_args),
     )
     resume = training_args.resume_from_checkpoint

@@ -23,8 +23,10 @@ from modeling_sepit.cli_sepit import SFT_CONFIG_DOCS, script_parser
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
+    LOSS_REDUCTIONS,
     MODULES,
     SepitSFTTrainer,
+    StructureDropoutEpochs,
     configure_sft,
     end_training,
     freeze_modules,
@@ -58,6 +60,19 @@ class SepitSFTArguments:
     structure_dropout: float = field(default=0.15, metadata={"help": "Probability of dropping a protein's structure."})
     num_experts: int | None = field(default=None, metadata={"help": "Upcycle each LLM FFN into this many experts."})
     num_experts_per_tok: int = field(default=1, metadata={"help": "Experts per token (top-k)."})
+    expert_capacity_factor: float | None = field(
+        default=None, metadata={"help": "Upcycling: DeepSpeed's capacity factor in training (original: 1.25)."}
+    )
+    expert_eval_capacity_factor: float | None = field(
+        default=None, metadata={"help": "Upcycling: capacity factor in evaluation (original: 2.0)."}
+    )
+    loss_reduction: str = field(
+        default="token",
+        metadata={
+            "help": "'token': TRL's mean over every answer token of the batch; 'sequence': the original's mean over "
+            "each sequence's answer tokens, then over sequences (a yes/no answer weighs as much as a long one)."
+        },
+    )
     max_protein_length: int = field(default=1022, metadata={"help": "Residues kept per protein (ESM-2: 1022)."})
     protein_pooling: int | None = field(
         default=None,
@@ -89,6 +104,8 @@ class SepitSFTArguments:
             )
         if not 0.0 <= self.structure_dropout <= 1.0:
             raise ValueError(f"structure_dropout must be in [0, 1], got {self.structure_dropout}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
         unknown = set(self.freeze) - set(MODULES)
         if unknown:
             raise ValueError(f"freeze: unknown modules {sorted(unknown)}; choose from {list(MODULES)}")
@@ -126,7 +143,11 @@ def load_model_and_processor(
     if args.num_experts:
         # SFTTrainer adds the load-balancing loss, weighted by SFTConfig.router_aux_loss_coef or by this default.
         model.upcycle_to_moe(
-            args.num_experts, args.num_experts_per_tok, router_aux_loss_coef=router_aux_loss_coef or 0.01
+            args.num_experts,
+            args.num_experts_per_tok,
+            router_aux_loss_coef=router_aux_loss_coef or 0.01,
+            expert_capacity_factor=args.expert_capacity_factor,
+            expert_eval_capacity_factor=args.expert_eval_capacity_factor,
         )
     freeze_modules(model, args.freeze)
     return model, processor
@@ -162,15 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sft: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
+    collator = SepitDataCollator(processor, script_args.structure_dropout, seed=training_args.seed)
     trainer = SepitSFTTrainer(
         model=model,
         args=training_args,
-        data_collator=SepitDataCollator(processor, script_args.structure_dropout, seed=training_args.seed),
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
+        callbacks=[StructureDropoutEpochs(collator)],
         encoder_lr_scale=script_args.encoder_lr_scale,
         language_model_lr_scale=script_args.language_model_lr_scale,
+        loss_reduction=script_args.loss_reduction,
     )
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint={"true": True, "false": None}.get(str(resume).lower(), resume))

@@ -1,5 +1,6 @@
 """The converter reproduces the original release's outputs on its three fixtures, and rejects broken inputs."""
 
+import copy
 import json
 import shutil
 
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_sepit import SepitForConditionalGeneration
-from modeling_sepit.convert_original_sepit import convert, main, verify_conversion
+from modeling_sepit.convert_original_sepit import convert, kernel_report, main, verify_conversion
 from tests.conftest import ORIGINAL
 
 CASES = ["original-tiny-dense", "original-tiny-moe-top1", "original-tiny-moe-top2"]
@@ -101,3 +102,17 @@ def test_a_failed_conversion_leaves_the_previous_folder_intact(tmp_path):
         convert(broken, out)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_kernel_report_says_whether_the_structure_bias_varies_with_distance(converted, capsys, tmp_path):
+    _, model, _ = converted
+    report = kernel_report(model)
+    assert not report["degenerate"] and report["bias_variation_2_40A"] > 1e-3  # the fixtures' kernels were trained
+    untrained = copy.deepcopy(model)
+    with torch.no_grad():  # what from_pretrained under transformers 4.39 left in the release: means = widths = 0
+        untrained.model.structure_module.gaussian_kernels.means.zero_()
+        untrained.model.structure_module.gaussian_kernels.stds.zero_()
+    degenerate = kernel_report(untrained)
+    assert degenerate["degenerate"] and degenerate["widths_max"] == 0.0
+    assert main(["--input_dir", str(ORIGINAL / "original-tiny-dense"), "--output_dir", str(tmp_path / "out")]) == 0
+    assert "structure kernels: means_min=" in capsys.readouterr().out

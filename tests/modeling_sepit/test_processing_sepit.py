@@ -478,3 +478,31 @@ def test_message_objects_are_messages(processor):
     assert processor.apply_chat_template(objects) == processor.apply_chat_template(
         [{"role": "user", "content": "What is a kinase ?"}]
     )
+
+
+def test_structure_dropout_is_drawn_anew_each_epoch(processor, real_proteins):
+    sequence, ca = real_proteins[2]
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {index} about <protein> ."},
+                {"role": "assistant", "content": "A small protein ."},
+            ],
+            "proteins": [{"sequence": sequence, "coords": ca.numpy()}],
+        }
+        for index in range(300)
+    ]
+    collator = processor.get_data_collator(structure_dropout=0.15, seed=0)
+
+    def dropped(epoch: int) -> np.ndarray:
+        collator.set_epoch(epoch)
+        batches = [collator([example]) for example in examples]
+        return np.array(
+            [not ("protein_coords_mask" in batch and batch["protein_coords_mask"].any()) for batch in batches]
+        )
+
+    epochs = [dropped(epoch) for epoch in range(4)]
+    assert all(0.08 <= drops.mean() <= 0.22 for drops in epochs)
+    never = np.logical_and.reduce(epochs)  # without coordinates in every epoch: about 0.15 ** 4
+    assert never.mean() < 0.02 and not all((drops == epochs[0]).all() for drops in epochs[1:])
+    assert (dropped(2) == epochs[2]).all()  # the same epoch draws the same drops (what a resumed run relies on)

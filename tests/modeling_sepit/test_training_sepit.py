@@ -12,6 +12,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.training_sepit import (
+    SepitSFTTrainer,
     freeze_modules,
     llm_lengths,
     loss_curves,
@@ -172,3 +173,58 @@ def test_llm_lengths_follow_the_real_input_lengths(demo_dataset, tiny_parts, poo
     overhead = [r - e for r, e in zip(real, estimated, strict=True)]
     assert max(overhead) - min(overhead) <= 4 and min(overhead) > 0
     assert len(set(estimated)) > 10  # the lengths differ enough to group
+
+
+@pytest.fixture(scope="module")
+def moe_trainer_parts(tiny_parts, demo_dataset, tmp_path_factory):
+    """An upcycled tiny model, its processor and demo rows with the shortest and the longest answer among 40."""
+    processor = SepitProcessor.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model", max_protein_length=32
+    )
+    model = SepitForConditionalGeneration.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model"
+    )
+    model.upcycle_to_moe(num_experts=2)
+    rows = load_dataset(str(demo_dataset), "instructions")["train"].select(range(40))
+    lengths = [len(row["messages"][-1]["content"]) for row in rows]
+    rows = rows.select([lengths.index(min(lengths)), lengths.index(max(lengths)), 2, 3])
+    return model, processor, rows, tmp_path_factory.mktemp("moe-trainer")
+
+
+def trainer_loss(parts, reduction: str) -> tuple[float, float, object, SepitSFTTrainer]:
+    from trl import SFTConfig
+
+    model, processor, rows, folder = parts
+    collator = processor.get_data_collator(structure_dropout=0.0, seed=0)
+    args = SFTConfig(
+        output_dir=str(folder), report_to=[], bf16=False, remove_unused_columns=False, max_steps=1,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )  # fmt: skip
+    trainer = SepitSFTTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=processor, data_collator=collator,
+        loss_reduction=reduction,
+    )  # fmt: skip
+    batch = collator(list(rows))
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, dict(batch)))
+        logits = model(**batch).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        valid = labels != -100
+        if reduction == "token":
+            expected = float((nll * valid).sum() / valid.sum())
+        else:
+            expected = float(((nll * valid).sum(-1) / valid.sum(-1)).mean())
+        routed = model(**batch, output_router_logits=True)
+    return loss, expected, routed, trainer
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_trainer_loss_reductions_and_the_per_layer_balancing_loss(moe_trainer_parts, reduction):
+    loss, expected, routed, trainer = trainer_loss(moe_trainer_parts, reduction)
+    # The trainer adds 0.01 x the per-layer balancing loss (TRL's pooled one is off), on the fused LM head's loss.
+    assert not trainer.aux_loss_enabled and trainer.sepit_aux_loss_coef == 0.01
+    torch.testing.assert_close(
+        torch.tensor(loss), torch.tensor(expected + 0.01 * float(routed.aux_loss)), rtol=1e-4, atol=1e-5
+    )
+    assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(float(routed.aux_loss), rel=1e-4)
