@@ -2,6 +2,7 @@
 command lines' model arguments."""
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, try_to_load_from_cache
@@ -9,7 +10,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import pipeline
 
-from .atomic_folder import atomic_folder
+from .atomic_folder import MARKER, atomic_folder
 from .modeling_sepit import SepitForConditionalGeneration
 from .processing_sepit import SepitProcessor
 
@@ -71,11 +72,14 @@ def save_hub_folder(
     processor: SepitProcessor,
     folder: str | os.PathLike,
     card: ModelCard | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write model weights (safetensors), config with `auto_map` and `custom_pipelines`, the remote code, the processor
     (both tokenizers, chat template) and the model card (`README.md`, when given) into `folder`, atomically: a crash
-    leaves the previous folder intact."""
-    with atomic_folder(folder) as staging:
+    leaves the previous folder intact. `folder` must be new, empty or written by this function before (else
+    `overwrite`), and never one of `inputs` (the folders the model was read from) or inside one."""
+    with atomic_folder(folder, "save_hub_folder", inputs, overwrite, field="folder") as staging:
         qa = pipeline("protein-qa", model=model, processor=processor)
         qa.save_pretrained(staging)  # model, config.custom_pipelines, pipeline and modeling code
         processor.save_pretrained(staging)  # pipelines do not save a ProcessorMixin themselves
@@ -97,7 +101,11 @@ def push_hub_folder(
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message or "Upload SEPIT"
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message or "Upload SEPIT",
+        ignore_patterns=[MARKER],  # local bookkeeping: which command wrote the folder
     )
     return str(commit)  # a CommitInfo is the commit URL (a str subclass)
 
