@@ -484,10 +484,11 @@ def check_checkpoint_folder(folder: Path, needs_config: bool = True) -> None:
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights}: not a readable safetensors file ({error}); save the model again") from error
     legacy = folder / "pytorch_model.bin"
-    if legacy.is_file() and not weights.is_file() and zipfile.is_zipfile(legacy):
+    if legacy.is_file() and not weights.is_file():
         try:
-            # Memory-mapped: only the pickle is read here, not the tensors transformers reads again right after.
-            torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
+            # Memory-mapped (zip format, torch >= 1.6): only the pickle is read here, not the tensors transformers
+            # reads again right after. The legacy non-zip format cannot be mapped: it is read whole.
+            torch.load(legacy, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(legacy))
         except Exception as error:  # weights-only unpickling refuses anything but tensors, and runs none of it
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error).strip().splitlines()[0])  # torch's message has ANSI bold
             raise ValueError(
