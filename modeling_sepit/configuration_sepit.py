@@ -119,7 +119,9 @@ class SepitConfig(PreTrainedConfig):
                 try:
                     resolved, _ = spec.create_subconfig(name, sub)
                 except StrictDataclassError as error:
-                    raise ValueError(config_error_message(error, sub, CONFIG_MAPPING[model_type], f"{name}.")) from error
+                    raise ValueError(
+                        config_error_message(error, sub, CONFIG_MAPPING[model_type], f"{name}.")
+                    ) from error
                 setattr(self, name, resolved)
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -156,8 +158,8 @@ class SepitConfig(PreTrainedConfig):
             special = getattr(self.text_config, name, None)
             if self.protein_token_id in (special if isinstance(special, list | tuple) else [special]):
                 raise ValueError(
-                    f"protein_token_id={self.protein_token_id} is the LLM's text_config.{name}: `<protein>` needs an id "
-                    "of its own (SepitProcessor.from_pretrained_parts adds one: use processor.protein_token_id)"
+                    f"protein_token_id={self.protein_token_id} is the LLM's text_config.{name}: `<protein>` needs an "
+                    "id of its own (SepitProcessor.from_pretrained_parts adds one: use processor.protein_token_id)"
                 )
         if not math.isfinite(self.structure_embedding_scale):
             raise ValueError(f"structure_embedding_scale must be a finite number, got {self.structure_embedding_scale}")
@@ -181,7 +183,9 @@ class SepitConfig(PreTrainedConfig):
                 raise ValueError(f"num_experts_per_tok must be in [1, num_experts={experts}], got {per_token}")
         coefficient = self.text_config.router_aux_loss_coef
         if not (math.isfinite(coefficient) and coefficient >= 0):
-            raise ValueError(f"router_aux_loss_coef must be a finite number >= 0 (0: no load balancing), got {coefficient}")
+            raise ValueError(
+                f"router_aux_loss_coef must be a finite number >= 0 (0: no load balancing), got {coefficient}"
+            )
         for name in ("expert_capacity_factor", "expert_eval_capacity_factor"):
             factor = getattr(self.text_config, name, None)
             if factor is not None and not factor > 0:
@@ -203,7 +207,9 @@ def config_error_message(error: StrictDataclassError, values: dict, config_class
     """A strict-dataclass error (not a ValueError, and naming neither the sub-config nor what is valid) as a message
     naming the field, its value and the type it must have."""
     cause = error.__cause__ or error
-    found = re.search(r"field '([^']+)'", str(error)) if isinstance(error, StrictDataclassFieldValidationError) else None
+    found = (
+        re.search(r"field '([^']+)'", str(error)) if isinstance(error, StrictDataclassFieldValidationError) else None
+    )
     if found is None:
         return f"{prefix.rstrip('.') or config_class.__name__}: {cause}"
     name = found.group(1)

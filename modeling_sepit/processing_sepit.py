@@ -2,6 +2,7 @@
 coordinates or structure files) to the tensors `SepitForConditionalGeneration` takes."""
 
 import dataclasses
+import numbers
 import os
 import re
 import zlib
@@ -77,20 +78,68 @@ class ProteinInput:
     coords_mask: np.ndarray | None = None
 
 
-def _check_coords(coords: object, mask: object, length: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _real_numbers(value: object, where: str) -> np.ndarray:
+    """Coordinates as an array of real numbers (ints or floats). Booleans, complex numbers, strings, None and dates
+    are refused, never cast: `np.asarray(..., dtype=float32)` would read "1.5" as 1.5, drop an imaginary part and
+    turn None into NaN (an absent residue)."""
     try:
-        coords = np.asarray(coords, dtype=np.float32)
-    except (TypeError, ValueError) as error:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{where}: coords must be numbers of shape (L, 3) ({error})") from error
+    if array.dtype.kind in "iuf":
+        return array
+    if array.dtype.kind == "O":
+        odd = [item for item in array.flat if isinstance(item, bool) or not isinstance(item, numbers.Real)]
+        if not odd:
+            return array.astype(np.float64)
+        found = type(odd[0]).__name__
+    else:
+        found = f"dtype {array.dtype}"
+    raise ValueError(
+        f"{where}: coords must be numbers (real ints or floats), got {found}; for a residue without coordinates give "
+        "NaN, or set its coords_mask False"
+    )
+
+
+def _presence_mask(value: object, where: str) -> np.ndarray:
+    """A coords_mask as booleans: bools, or numbers that are 0 or 1. Strings are refused (`bool("False")` is True)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{where}: coords_mask must be an array of booleans ({error})") from error
+    if array.dtype.kind == "b":
+        return array
+    numeric = array.dtype.kind in "iuf" or (
+        array.dtype.kind == "O" and all(isinstance(item, numbers.Real) for item in array.flat)
+    )
+    if numeric and np.isin(array.astype(np.float64), (0, 1)).all():
+        return array.astype(bool)
+    shown = array.flat[0] if array.size else None
+    raise ValueError(
+        f"{where}: coords_mask must be booleans (True/False, or 0/1), got dtype {array.dtype} (first value {shown!r})"
+    )
+
+
+def _check_coords(coords: object, mask: object, length: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates as float32 (L, 3) and their presence mask: NaN/inf mark absent residues when no mask is given."""
+    coords = _real_numbers(coords, where)
     if coords.shape != (length, 3):
         raise ValueError(
             f"{where}: coords have shape {coords.shape}; they must be (L, 3) = ({length}, 3), one C-alpha per residue"
         )
-    finite = np.isfinite(coords).all(-1)
+    with np.errstate(over="ignore"):
+        narrowed = coords.astype(np.float32)
+    overflow = np.flatnonzero((np.isfinite(coords) & ~np.isfinite(narrowed)).any(-1))
+    if overflow.size:
+        raise ValueError(
+            f"{where}: coords at residues {overflow[:5].tolist()} exceed float32's range (~3.4e38); give C-alpha "
+            "coordinates in angstroms"
+        )
+    finite = np.isfinite(narrowed).all(-1)
     if mask is None:
         mask = finite
     else:
-        mask = np.asarray(mask, dtype=bool)
+        mask = _presence_mask(mask, where)
         if mask.shape != (length,):
             raise ValueError(f"{where}: coords_mask has shape {mask.shape}; it must be ({length},)")
         bad = np.flatnonzero(mask & ~finite)
@@ -99,7 +148,7 @@ def _check_coords(coords: object, mask: object, length: int, where: str) -> tupl
                 f"{where}: coords have NaN/inf at residues {bad[:5].tolist()} where coords_mask says present; "
                 "set coords_mask False there"
             )
-    return np.where(mask[:, None], coords, 0.0).astype(np.float32), mask
+    return np.where(mask[:, None], narrowed, 0.0).astype(np.float32), mask
 
 
 def _is_structure_path(value: object) -> bool:
@@ -253,20 +302,40 @@ class SepitProcessor(ProcessorMixin):
         self.original_compat = original_compat
         self.protein_padding_length = protein_padding_length
         self.protein_pooling = protein_pooling
-        for name, value in (("max_protein_length", max_protein_length), ("protein_pooling", protein_pooling)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if original_compat and protein_pooling != 1:
+        self._check_settings()
+        if not (
+            chat_template is None
+            or isinstance(chat_template, dict)
+            or (isinstance(chat_template, str) and chat_template.strip())
+        ):
             raise ValueError(
-                f"protein_pooling={protein_pooling} needs original_compat=False: converted original checkpoints take "
-                "one placeholder per padded position"
-            )
-        if protein_padding_length is not None and protein_padding_length < max_protein_length + 2:
-            raise ValueError(
-                f"protein_padding_length={protein_padding_length} must hold max_protein_length + 2 = "
-                f"{max_protein_length + 2} positions (residues plus <cls> and <eos>)"
+                "chat_template must be a Jinja template string, a dict of named templates, or None (the default SEPIT "
+                f"prompt), got {chat_template!r}"
             )
         super().__init__(tokenizer, protein_tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs)
+
+    def _check_settings(self) -> None:
+        """The settings' types and ranges, at construction and again per call (training scripts assign them): a
+        `True` would silently mean 1, and `"false"` would be true."""
+        for name in ("max_protein_length", "protein_pooling"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (a Python int), got {value!r}")
+        if not isinstance(self.original_compat, bool | np.bool_):
+            raise ValueError(f"original_compat must be True or False, got {self.original_compat!r}")
+        if self.original_compat and self.protein_pooling != 1:
+            raise ValueError(
+                f"protein_pooling={self.protein_pooling} needs original_compat=False: converted original checkpoints "
+                "take one placeholder per padded position"
+            )
+        padding = self.protein_padding_length
+        if padding is not None and (
+            isinstance(padding, bool) or not isinstance(padding, int) or padding < self.max_protein_length + 2
+        ):
+            raise ValueError(
+                f"protein_padding_length={padding!r} must be None or an integer holding max_protein_length + 2 = "
+                f"{self.max_protein_length + 2} positions (residues plus <cls> and <eos>)"
+            )
 
     @property
     def protein_token_id(self) -> int:
@@ -410,6 +479,7 @@ class SepitProcessor(ProcessorMixin):
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors={return_tensors!r}: SEPIT returns 'pt' (default), 'np' or None (lists)")
 
+        self._check_settings()
         groups = self._proteins_per_text(texts, proteins)
         flat = [protein for group in groups for protein in group]
         arrays = self._protein_arrays(flat) if flat else {}
