@@ -3,7 +3,9 @@
 Two passes keep memory bounded by the corpus' sequences rather than its annotations: the first streams the entries
 once, keeping only accession and sequence (for homology clustering) and a bounded sample of property values (for
 yes/no negatives) while spooling the entries to disk; the second streams the spool and writes rows straight into
-Parquet files per config and split. The output folder appears all at once (atomic rename).
+Parquet files per config and split. The output folder appears all at once (atomic rename). Every dataset written
+loads with `load_dataset(folder, config)` and trains: a split with no row is left out of the folder and its card, and
+a build whose train split would be empty in either config is refused with the reason.
 
     python -m dataset_card.build_dataset --output_dir outputs/dataset            # the bundled demo corpus
     python -m dataset_card.build_dataset --uniprot uniprot_sprot.dat.gz --structures afdb/ \\
@@ -21,6 +23,9 @@ from pathlib import Path
 
 from datasets import Features, List, Value
 from datasets.arrow_writer import ParquetWriter
+from huggingface_hub import constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
 from dataset_card.card import DatasetStatistics, push_dataset, write_card
@@ -42,7 +47,6 @@ from dataset_card.structures import AttachedStructure, StructureIndex
 from dataset_card.uniprot_reader import ReadReport, UniProtEntry, iter_entries
 from modeling_sepit.atomic_folder import atomic_folder
 from modeling_sepit.cli_sepit import script_parser
-from modeling_sepit.structure_loading import check_sequence
 
 DATA = Path(__file__).resolve().parent / "data"
 DEMO_UNIPROT = tuple(
@@ -88,7 +92,9 @@ FEATURES = {
 class BuildArguments:
     """Command-line arguments of the dataset builder (parsed by transformers' HfArgumentParser)."""
 
-    output_dir: str = field(metadata={"help": "Folder to write the dataset to (replaced atomically)."})
+    output_dir: str = field(
+        metadata={"help": "Folder to write the dataset to (replaced atomically; new, empty, or an earlier build)."}
+    )
     uniprot: list[str] = field(
         default_factory=lambda: list(DEMO_UNIPROT),
         metadata={"help": "UniProtKB flat / XML / REST-JSON files or folders (gzip allowed). Default: bundled demo."},
@@ -112,6 +118,9 @@ class BuildArguments:
     max_entries: int | None = field(default=None, metadata={"help": "Stop after this many distinct entries."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Dataset repo id to upload the folder to."})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace output_dir even if it holds something else than an earlier build."}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.identity_threshold <= 1.0:
@@ -119,6 +128,8 @@ class BuildArguments:
         fractions = self.split_fractions
         if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or not all(0.0 <= f <= 1.0 for f in fractions):
             raise ValueError(f"split_fractions must be three numbers in [0, 1] summing to 1, got {fractions}")
+        if fractions[0] == 0:
+            raise ValueError(f"split_fractions: the train fraction is 0 ({fractions}); a dataset must train")
         if self.structures and self.structures.lower() == "none":
             self.structures = None
         for path in self.uniprot:
@@ -130,6 +141,16 @@ class BuildArguments:
             raise ValueError(f"max_entries must be >= 1 (or unset for all), got {self.max_entries}")
         if self.clusters_tsv and not Path(self.clusters_tsv).is_file():
             raise ValueError(f"clusters_tsv: {self.clusters_tsv} is not a file; give an MMseqs2 cluster TSV")
+        if self.push_to_hub:
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as error:
+                raise ValueError(f"push_to_hub: {self.push_to_hub} is not a Hub repo id ({error})") from None
+            if constants.HF_HUB_OFFLINE:
+                raise ValueError(
+                    f"push_to_hub: HF_HUB_OFFLINE=1, so {self.push_to_hub} cannot be reached; build without "
+                    "--push_to_hub and push the folder later with dataset_card.card.push_dataset"
+                )
 
 
 @dataclass
@@ -156,17 +177,12 @@ def _protein_columns(entry: UniProtEntry, structure: AttachedStructure | None) -
 
 
 def _distinct_entries(args: BuildArguments, report: ReadReport) -> Iterator[UniProtEntry]:
-    """Entries of every input, first occurrence of an accession only; invalid sequences are reported and skipped."""
+    """Entries of every input, first occurrence of an accession only (the readers report and skip invalid ones)."""
     seen: set[str] = set()
     for path in args.uniprot:
         for entry in iter_entries(path, report, workers=args.workers):
             if entry.accession in seen:
                 report.skip(path, entry.accession, "duplicate accession: an earlier entry of it was kept")
-                continue
-            try:
-                check_sequence(entry.sequence, f"sequence of {entry.accession}")
-            except ValueError as error:
-                report.skip(path, entry.accession, str(error))
                 continue
             seen.add(entry.accession)
             yield entry
@@ -246,15 +262,40 @@ def _write_rows(
                 writers[config, split].write(row)
                 statistics.add_row(config, split, instruction.type, instruction.answer)
     for (config, split), writer in writers.items():
-        statistics.split_sizes[config][split] = writer.finalize()  # (examples, Arrow bytes) for the card's info
+        examples, size = writer.finalize()  # for the card's info
         writer.close()
+        if examples:
+            statistics.split_sizes[config][split] = examples, size
+        else:  # `load_dataset` refuses a declared split without rows: it is left out
+            (staging / config / f"{split}-00000-of-00001.parquet").unlink()
 
 
-def build_dataset(args: BuildArguments) -> BuildResult:
-    """Run both passes into a staging folder, write the card, and move the folder into place."""
-    report, pools = ReadReport(), ValuePools(seed=args.seed)
-    index = StructureIndex.scan(args.structures) if args.structures else None
-    with atomic_folder(args.output_dir) as staging:
+def _check_trainable(statistics: DatasetStatistics, proteins: int) -> None:
+    """A ValueError with the reason when a config has no training row: the next command could not train on it."""
+    for config in CONFIGS:
+        if "train" in statistics.split_sizes[config]:
+            continue
+        if not statistics.proteins["train"]:
+            reason = (
+                f"no protein is in the train split: the {proteins} readable entries form too few homology clusters "
+                "for these split_fractions; add entries or raise the train fraction"
+            )
+        else:
+            what = "a caption (function, name or location text)" if config == "captions" else "a question"
+            reason = (
+                f"none of the {statistics.proteins['train']} train entries gives {what}: they carry no annotation "
+                "SEPIT reads; give annotated UniProtKB entries"
+            )
+        raise ValueError(f"uniprot: the {config} config would have no train row ({reason})")
+
+
+def build_dataset(args: BuildArguments, report: ReadReport | None = None) -> BuildResult:
+    """Run both passes into a staging folder, write the card, and move the folder into place. Problems go to `report`
+    (pass one in to see them also when the build is refused)."""
+    report, pools = report if report is not None else ReadReport(), ValuePools(seed=args.seed)
+    inputs = [*args.uniprot, args.structures, args.clusters_tsv]
+    with atomic_folder(args.output_dir, "build_dataset", inputs, args.overwrite) as staging:
+        index = StructureIndex.scan(args.structures, report) if args.structures else None
         spool = staging / "entries.jsonl"
         proteins = _spool_entries(args, spool, report, pools)
         if not proteins:
@@ -266,26 +307,42 @@ def build_dataset(args: BuildArguments) -> BuildResult:
             clusters_from=args.clusters_tsv,
         )
         _write_rows(staging, spool, splits, index, pools, args.seed, statistics)
+        _check_trainable(statistics, len(proteins))
         spool.unlink()
         statistics.problems = len(report.problems)
         write_card(staging, statistics, FEATURES)
     return BuildResult(Path(args.output_dir), statistics, report)
 
 
+def _print_problems(report: ReadReport) -> None:
+    for problem in report.problems:
+        print(f"skipped {problem.file} [{problem.entry}]: {problem.reason}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = script_parser([BuildArguments], __doc__)
+    report = ReadReport()
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
-        result = build_dataset(args)
+        result = build_dataset(args, report)
     except ValueError as error:
-        print(f"build_dataset: error: {error}", file=sys.stderr)
+        _print_problems(report)  # the reasons, also when no entry at all could be used
+        print(f"build_dataset: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    for problem in result.report.problems:
-        print(f"skipped {problem.file} [{problem.entry}]: {problem.reason}", file=sys.stderr)
+    _print_problems(report)
     print(result.statistics.summary())
     print(f"dataset written to {result.output_dir}")
     if args.push_to_hub:
-        url = push_dataset(result.output_dir, args.push_to_hub, private=args.private)
+        try:
+            url = push_dataset(result.output_dir, args.push_to_hub, private=args.private)
+        except Exception as error:  # noqa: BLE001 - network, token or permission: the built dataset stays
+            reason = " ".join(f"{type(error).__name__}: {error}".split())
+            print(
+                f"build_dataset: error: push_to_hub: {reason[:300]}; the dataset is in {result.output_dir}, push it "
+                "again with dataset_card.card.push_dataset",
+                file=sys.stderr,
+            )
+            return 2
         print(f"pushed to {url}")
     return 0
 

@@ -14,6 +14,7 @@ from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
 from dataset_card.homology import CrossIdentity
+from modeling_sepit.atomic_folder import MARKER
 
 TEMPLATE = Path(__file__).resolve().parent / "README.md"
 SPLITS = ("train", "validation", "test")
@@ -108,12 +109,17 @@ def _size_category(count: int) -> str:
 
 
 def write_card(folder: Path, statistics: DatasetStatistics, features: dict[str, Features]) -> DatasetCard:
-    """Fill the template with this build's figures; the YAML header declares both configs and their Parquet files."""
+    """Fill the template with this build's figures; the YAML header declares both configs and their Parquet files,
+    each split that has rows (`load_dataset` refuses a declared split without data)."""
     configs = [
         {
             "config_name": name,
             "default": name == "instructions",
-            "data_files": [{"split": split, "path": f"{name}/{split}-*.parquet"} for split in SPLITS],
+            "data_files": [
+                {"split": split, "path": f"{name}/{split}-*.parquet"}
+                for split in SPLITS
+                if split in statistics.split_sizes[name]
+            ],
         }
         for name in features
     ]
@@ -185,6 +191,7 @@ def push_dataset(
         repo_id=repo_id,
         repo_type="dataset",
         commit_message=commit_message or "Upload SEPIT protein instructions",
+        ignore_patterns=[MARKER],  # local bookkeeping: which command wrote the folder
     )
     return str(commit)
 

@@ -52,6 +52,7 @@ class ExternalBenchmarkArguments:
     uniprot_dir: str = field(
         default=str(DATA / "uniprot"), metadata={"help": "UniProt files whose GO cross-references name the GO terms."}
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir even if it holds other files."})
 
     def __post_init__(self) -> None:
         if self.max_per_benchmark is not None and self.max_per_benchmark < 2:
@@ -138,7 +139,7 @@ def build_external_benchmarks(args: ExternalBenchmarkArguments) -> dict[str, int
     rows = balanced_sample(list(metal_ion_binding_rows()), args.max_per_benchmark, rng)
     rows += balanced_sample(list(go_mf_rows(names)), args.max_per_benchmark, rng)
     counts = {kind: sum(row["type"] == kind for row in rows) for kind in (METAL_TYPE, GO_MF_TYPE)}
-    with atomic_folder(args.output_dir) as staging:
+    with atomic_folder(args.output_dir, "external_benchmarks", [args.uniprot_dir], args.overwrite) as staging:
         dataset = Dataset.from_list(rows, features=FEATURES["instructions"])
         dataset.to_parquet(str(staging / "test-00000-of-00001.parquet"))
     return counts

@@ -11,7 +11,7 @@ for accessions that are in the corpus.
 from __future__ import annotations
 
 import gzip
-import logging
+import io
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,9 +22,13 @@ from typing import TextIO
 import numpy as np
 from biotite.structure.io import pdbx
 
-from modeling_sepit.structure_loading import align_structure_to_sequence, load_structure
-
-logger = logging.getLogger(__name__)
+from dataset_card.uniprot_reader import ReadReport
+from modeling_sepit.structure_loading import (
+    align_structure_to_sequence,
+    file_kind,
+    load_structure,
+    read_structure_text,
+)
 
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 _ALPHAFOLD_NAME = re.compile(r"AF-([A-Z0-9]+(?:-\d+)?)-F\d+", re.IGNORECASE)
@@ -48,14 +52,15 @@ class AttachedStructure:
     source: str
 
 
-def _is_structure_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().removesuffix(".gz").endswith(STRUCTURE_SUFFIXES)
+def _has_structure_suffix(path: Path) -> bool:
+    return path.name.lower().removesuffix(".gz").endswith(STRUCTURE_SUFFIXES)
 
 
 def _open_text(path: Path) -> TextIO:
+    """A PDB file's lines, read lazily (only its header is needed); 'utf-8-sig' drops a byte-order mark."""
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def _pdb_references(handle: TextIO) -> Iterator[tuple[str, str]]:
@@ -87,16 +92,19 @@ def _cif_references(handle: TextIO) -> Iterator[tuple[str, str]]:
             yield uniprot[ref_id], chain
 
 
-def file_references(path: Path) -> list[tuple[str, str | None]]:
-    """Every (accession, chain) a structure file declares; an unreadable header is logged and gives nothing."""
+def file_references(path: Path, report: ReadReport | None = None) -> list[tuple[str, str | None]]:
+    """Every (accession, chain) a structure file declares; an unreadable header gives nothing and is reported."""
     is_cif = path.name.lower().removesuffix(".gz").endswith((".cif", ".mmcif"))
     try:
-        with _open_text(path) as handle:
-            references: list[tuple[str, str | None]] = list(
-                dict.fromkeys(_cif_references(handle) if is_cif else _pdb_references(handle))
-            )
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        logger.warning("%s: header not readable (%s); file not indexed", path, error)
+        if is_cif:  # read whole by the structure reader: its size cap holds for a gzip bomb too
+            found = _cif_references(io.StringIO(read_structure_text(path)))
+            references: list[tuple[str, str | None]] = list(dict.fromkeys(found))
+        else:
+            with _open_text(path) as handle:
+                references = list(dict.fromkeys(_pdb_references(handle)))
+    except Exception as error:  # noqa: BLE001 - corrupt gzip, broken CIF, ...: this file only is left out
+        if report is not None:
+            report.skip(str(path), "structure header", f"not indexed: {type(error).__name__}: {error}")
         references = []
     name_match = _ALPHAFOLD_NAME.search(path.name)
     if name_match and not references:
@@ -107,20 +115,28 @@ def file_references(path: Path) -> list[tuple[str, str | None]]:
 class StructureIndex:
     """Accession -> the structure chains that declare it, for a folder searched recursively."""
 
-    def __init__(self, references: dict[str, list[StructureRef]]):
+    def __init__(self, references: dict[str, list[StructureRef]], report: ReadReport | None = None):
         self.references = references
+        self.report = report
 
     @classmethod
-    def scan(cls, folder: str | Path) -> StructureIndex:
+    def scan(cls, folder: str | Path, report: ReadReport | None = None) -> StructureIndex:
+        """Index `folder`; files that cannot be read (corrupt gzip, broken header, a link to nowhere, a named pipe)
+        go to `report`, as do the candidates `attach` later rejects."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"structures: {folder} is not a folder; give a folder of PDB/mmCIF/AlphaFold files")
         references: dict[str, list[StructureRef]] = defaultdict(list)
-        for path in sorted(p for p in folder.rglob("*") if _is_structure_file(p)):
+        for path in sorted(p for p in folder.rglob("*") if _has_structure_suffix(p)):
+            kind = file_kind(path)
+            if kind != "file":
+                if kind != "folder" and report is not None:
+                    report.skip(str(path), "structure file", kind)
+                continue
             predicted = bool(_ALPHAFOLD_NAME.search(path.name))
-            for accession, chain in file_references(path):
+            for accession, chain in file_references(path, report):
                 references[str(accession)].append(StructureRef(path, str(chain) if chain else None, predicted))
-        return cls(dict(references))
+        return cls(dict(references), report)
 
     def __len__(self) -> int:
         return len(self.references)
@@ -136,7 +152,8 @@ class StructureIndex:
             try:
                 coords, mask = align_structure_to_sequence(load_structure(ref.path, ref.chain), sequence)
             except ValueError as error:
-                logger.warning("%s: structure %s chain %s not used: %s", accession, ref.path.name, ref.chain, error)
+                if self.report is not None:
+                    self.report.skip(str(ref.path), f"chain {ref.chain or '-'} for {accession}", f"not used: {error}")
                 continue
             resolved = int(mask.sum())
             source = f"{ref.path.name}:{ref.chain}" if ref.chain else ref.path.name

@@ -2,7 +2,12 @@
 
 Every format ends in the same dataclass so that instruction generation never needs to know where an entry came from.
 Unreadable entries are skipped *and recorded* in a `ReadReport`: a corpus build must never die on one bad record,
-nor lose one without saying so.
+nor lose one without saying so. A reason names the field at fault (`primaryAccession`, `comments[2].texts[0].value`,
+`feature (domain)`), so a bad entry can be found and fixed.
+
+Parts of an entry that SEPIT never reads (references, gene names, dates, taxonomy, most cross-references) are dropped
+before the libraries parse it: formats from the 1990s to today differ most in those parts (pre-2003 `GN   A OR B.`
+lines, old `DT` forms), and a defect there must not cost the entry.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import gzip
 import io
 import json
 import multiprocessing
+import os
 import re
 import zlib
 from collections import Counter, deque
@@ -20,8 +26,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
+from xml.etree import ElementTree
 
-from Bio import SeqIO, SwissProt
+from Bio import SwissProt
+from Bio.SeqIO.UniprotIO import NS, UniprotIterator
+
+from modeling_sepit.configuration_sepit import PROTEIN_TOKEN
+from modeling_sepit.structure_loading import check_sequence, file_kind
 
 FLAT_SUFFIXES = {".dat", ".txt", ".txl", ".sp"}
 XML_SUFFIXES = {".xml"}
@@ -31,16 +42,18 @@ _EVIDENCE = re.compile(r"\s*+\{ECO:[^}]*\}")  # possessive (as below): no backtr
 _CITATION = re.compile(r"\s*+\((?:PubMed|Ref\.|By similarity|Probable|Potential)[^()]*\)")
 _ISOFORM_PREFIX = re.compile(r"^\[[^\]]*\]:\s*")
 _ACCESSION_LINE = re.compile(r"^AC   (\w+)", re.MULTILINE)
-_EC = re.compile(r"EC=([\d.n-]+)")
+_EC = re.compile(r"EC[= ](\d+\.[\d.n-]+)")  # 'EC=1.2.3.4' and the pre-2008 '(EC 1.2.3.4)' of DE lines
 _PTM_FEATURES = {"MOD_RES", "CARBOHYD", "LIPID", "CROSSLNK"}
 _XML_PTM_FEATURES = {"modified residue", "glycosylation site", "lipid moiety-binding region", "cross-link"}
 _JSON_PTM_FEATURES = {"Modified residue", "Glycosylation", "Lipidation", "Cross-link"}
 _GO_FIELDS = {"F": "go_molecular_function", "P": "go_biological_process", "C": "go_cellular_component"}
 _LEADING_BLANK_LINES = re.compile(r"(?:[^\S\n]*\n)*")
-# Flat-file lines Biopython parses but `entry_from_swissprot` never reads: references, non-GO cross-references, and
+# Flat-file lines Biopython parses but `entry_from_swissprot` never reads: references, non-GO cross-references, gene
+# names (pre-2003 `GN   ABCD1 OR ALD.` lines fail Biopython's GN parser), dates (`DT`, in several historic forms),
+# taxonomy and host lines (`OG`, `OC`, `OX`, `OH`), `PE`, the `SQ` summary (the sequence lines themselves stay), and
 # lines Biopython ignores anyway (`**`, CC lines that neither start nor continue a comment: the copyright box).
 # A match is a run of such lines, each with the newline *before* it, so a record's first (ID) line is never dropped.
-_UNREAD_LINE = r"\n(?:R[NPCXGATL]|\*\*|DR(?![^\n]{3}GO)|CC(?![^\n]{3}(?:-!-|   )))[^\n]*"
+_UNREAD_LINE = r"\n(?:R[NPCXGATL]|GN|DT|O[GCXH]|PE|SQ|\*\*|DR(?![^\n]{3}GO)|CC(?![^\n]{3}(?:-!-|   )))[^\n]*"
 _UNREAD_LINES = re.compile(f"{_UNREAD_LINE}(?:{_UNREAD_LINE})*")
 # One feature (FT line with a name in columns 6-13, then its continuation lines) or comment ('CC   -!- ' line, then
 # 'CC       ' lines); a block may also open with continuation lines, which Biopython adds to the last one started.
@@ -66,6 +79,20 @@ _FLAT_CHUNK_CHARS = 1 << 20  # text read from a flat file at a time
 _BATCH_CHARS = 1 << 22  # record text per task sent to a worker process
 _IN_FLIGHT_PER_WORKER = 2  # batches queued per worker: keeps workers busy, bounds memory
 _TRUNCATED = "truncated record: no '//' terminator before end of file"
+_ACCESSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # UniProt, isoform (P12345-2) and IPI (IPI00383150) forms
+_OLD_NAME_END = re.compile(r"\s+[(\[]|\.$")  # pre-2008 DE: 'Name (Synonym) (EC 1.2.3.4) [Includes: ...].'
+_XML_READ_COMMENTS = {
+    "function",
+    "catalytic activity",
+    "cofactor",
+    "pathway",
+    "subcellular location",
+    "similarity",
+    "domain",
+    "PTM",
+    "tissue specificity",
+}
+_XML_READ_ELEMENTS = {"accession", "name", "protein", "organism", "keyword", "feature", "sequence"}
 
 
 def clean_text(text: str) -> str:
@@ -148,6 +175,20 @@ class ReadReport:
         return sum(self.skipped.values())
 
 
+def checked_entry(entry: UniProtEntry) -> UniProtEntry:
+    """`entry` if every field can go into the dataset; else a ValueError naming the field: an accession that is empty
+    or not one word, a sequence of other than amino-acid letters, or text holding the model's `<protein>` placeholder
+    (each answer would then carry an extra protein slot, and training fail on its batch)."""
+    if not isinstance(entry.accession, str) or not _ACCESSION.fullmatch(entry.accession):
+        raise ValueError(f"accession: {entry.accession!r} is not an accession (letters, digits, '_', '.', '-')")
+    check_sequence(entry.sequence, "sequence")
+    for name, value in vars(entry).items():
+        for text in value if isinstance(value, list) else [value]:
+            if PROTEIN_TOKEN in text:
+                raise ValueError(f"{name}: holds {PROTEIN_TOKEN!r}, the model's protein placeholder: {text[:80]!r}")
+    return entry
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # format detection and opening
 
@@ -184,11 +225,33 @@ def detect_format(path: Path) -> str | None:
     return None
 
 
-def _files(path: Path) -> list[Path]:
-    """A file, or a folder's readable files (sorted, so corpus order and seeded sampling are stable)."""
-    if path.is_file():
-        return [path]
-    return [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() != ".md"]
+def _files(path: Path, report: ReadReport, seen: set[str] | None = None) -> Iterator[Path]:
+    """A file, or a folder's files, sub-folders included (sorted, so corpus order and seeded sampling are stable).
+
+    Documentation (`.md`) and hidden files and folders are not data and are passed over; anything else that cannot be
+    read as a file is reported: a broken link, a link loop, a named pipe or device (reading one would block or never
+    end), a folder that cannot be listed. A folder reached twice through links is read once.
+    """
+    kind = file_kind(path)
+    if kind == "file":
+        yield path
+        return
+    if kind != "folder":
+        report.skip(str(path), "whole file", kind)
+        return
+    seen = set() if seen is None else seen
+    real = os.path.realpath(path)
+    if real in seen:
+        return
+    seen.add(real)
+    try:
+        children = sorted(path.iterdir())
+    except OSError as error:
+        report.skip(str(path), "whole folder", f"cannot list the folder ({error.strerror or error})")
+        return
+    for child in children:
+        if not child.name.startswith(".") and child.suffix.lower() != ".md":
+            yield from _files(child, report, seen)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,14 +300,17 @@ def _flat_comments(record: SwissProt.Record) -> dict[str, list[str]]:
 
 
 def _recommended_name(description: str) -> str:
-    """'RecName: Full=X {ECO..};' (or SubName for TrEMBL) -> 'X'."""
+    """'RecName: Full=X {ECO..};' (or SubName for TrEMBL) -> 'X'; a pre-2008 description ('X (Synonym) (EC ...).',
+    no tags) -> 'X'."""
     for tag in ("RecName:", "SubName:"):
         if tag in description:
             part = description.split(tag, 1)[1]
             match = re.search(r"Full=([^;]*)", part)
             if match:
                 return clean_text(match.group(1))
-    return ""
+    if "Full=" in description:
+        return ""
+    return clean_text(_OLD_NAME_END.split(description, 1)[0])
 
 
 def _catalytic(texts: list[str]) -> tuple[list[str], list[str]]:
@@ -356,7 +422,7 @@ def _parse_flat_record(text: str, terminated: bool) -> UniProtEntry | str:
     if not terminated:
         return _TRUNCATED
     try:
-        return entry_from_swissprot(SwissProt.read(io.StringIO(drop_unread_lines(text))))
+        return checked_entry(entry_from_swissprot(SwissProt.read(io.StringIO(drop_unread_lines(text)))))
     except Exception as error:  # noqa: BLE001 - any parser failure skips only this record
         return f"{type(error).__name__}: {error}"
 
@@ -421,11 +487,13 @@ def _xml_list(annotations: dict[str, Any], key: str) -> list[str]:
 
 
 def entry_from_seqrecord(record: Any) -> UniProtEntry:
-    """Map a Biopython 'uniprot-xml' SeqRecord onto the common entry.
-
-    Biopython keeps only GO identifiers (no term names) from XML, so the GO lists stay empty for this format.
-    """
+    """Map a Biopython 'uniprot-xml' SeqRecord onto the common entry; GO terms come from the `go_terms` annotation
+    that `UniProtXmlIterator` adds (Biopython itself keeps only the GO identifiers)."""
     notes = record.annotations
+    go: dict[str, list[str]] = {name: [] for name in _GO_FIELDS.values()}
+    for term in _xml_list(notes, "go_terms"):
+        if term[:2] in ("F:", "P:", "C:"):
+            go[_GO_FIELDS[term[0]]].append(term[2:])
 
     def features(kinds: set[str]) -> list[str]:
         return [f.qualifiers.get("description", "") for f in record.features if f.type in kinds]
@@ -450,24 +518,84 @@ def entry_from_seqrecord(record: Any) -> UniProtEntry:
         ptm=_unique(_xml_list(notes, "comment_PTM") + features(_XML_PTM_FEATURES)),
         tissue_specificity=_unique(_xml_list(notes, "comment_tissuespecificity")),
         keywords=_unique(_xml_list(notes, "keywords")),
+        **{name: _unique(values) for name, values in go.items()},
     )
 
 
+class _XmlEntryError(Exception):
+    """One XML entry that Biopython could not map; the XML around it is intact, so reading goes on."""
+
+    def __init__(self, accession: str, reason: str):
+        super().__init__(reason)
+        self.accession = accession
+
+
+def _xml_name(element: ElementTree.Element) -> str:
+    """'feature (domain)': an element's tag and, when it has one, its type."""
+    tag = element.tag.removeprefix(NS)
+    return f"{tag} ({element.get('type')})" if element.get("type") else tag
+
+
+class UniProtXmlIterator(UniprotIterator):
+    """Biopython's UniProt XML reader on the parts of an entry SEPIT reads, keeping the GO term names too.
+
+    Elements SEPIT never reads (references, evidence, gene names, comments of other topics, cross-references other
+    than GO) are removed before Biopython maps the entry, as for the flat files' lines. An entry Biopython cannot map
+    raises `_XmlEntryError` naming the element at fault; the iterator then goes on with the next entry.
+    """
+
+    def _create_record(self, entry: ElementTree.Element) -> Any:
+        terms = []
+        for element in list(entry):
+            tag = element.tag.removeprefix(NS)
+            if tag == "dbReference" and element.get("type") == "GO":
+                terms += [p.get("value", "") for p in element.iterfind(f"{NS}property") if p.get("type") == "term"]
+            elif tag == "comment" and element.get("type") in _XML_READ_COMMENTS:
+                continue
+            if tag not in _XML_READ_ELEMENTS:
+                entry.remove(element)
+        accessions = [element.text for element in entry.iterfind(f"{NS}accession")]
+        accession = accessions[0] if accessions and accessions[0] else "entry without accession"
+        try:
+            record = super()._create_record(entry)
+        except Exception as error:  # noqa: BLE001 - named by the element that fails alone, below
+            raise _XmlEntryError(accession, f"{self._culprit(entry)}: {type(error).__name__}: {error}") from error
+        record.annotations["go_terms"] = terms
+        return record
+
+    def _culprit(self, entry: ElementTree.Element) -> str:
+        """The first child element that Biopython fails to map on its own (with the accessions it needs)."""
+        for element in entry:
+            alone = ElementTree.Element(entry.tag, entry.attrib)
+            alone.extend(e for e in entry.iterfind(f"{NS}accession") if e is not element)
+            alone.append(element)
+            try:
+                super()._create_record(alone)
+            except Exception:  # noqa: BLE001 - this is the element that fails
+                return _xml_name(element)
+        return "accession"
+
+
 def _read_xml(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
-    """XML entries one by one; Biopython cannot resume after a broken element, so the rest of the file is reported."""
+    """XML entries one by one. An entry Biopython cannot map is reported and skipped; broken XML (a parse error) ends
+    the file, as no parser can find the next entry in it, and the rest of the file is reported."""
     with _open_binary(path) as handle:
-        records = SeqIO.parse(handle, "uniprot-xml")
+        records = UniProtXmlIterator(handle)
         index = 0
         while True:
             try:
                 record = next(records)
             except StopIteration:
                 return
-            except Exception as error:  # noqa: BLE001 - a broken element ends this file, reported
+            except _XmlEntryError as error:
+                report.skip(str(path), error.accession, str(error))
+                index += 1
+                continue
+            except Exception as error:  # noqa: BLE001 - broken XML ends this file, reported
                 report.skip(str(path), f"entry #{index} and rest of file", f"{type(error).__name__}: {error}")
                 return
             try:
-                entry = entry_from_seqrecord(record)
+                entry = checked_entry(entry_from_seqrecord(record))
             except Exception as error:  # noqa: BLE001 - a record missing required parts skips only itself
                 report.skip(str(path), record.id or f"entry #{index}", f"{type(error).__name__}: {error}")
             else:
@@ -479,59 +607,96 @@ def _read_xml(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
 # ----------------------------------------------------------------------------------------------------------------
 # UniProt REST JSON
 
-
-def _texts(comment: dict[str, Any]) -> list[str]:
-    return [text.get("value", "") for text in comment.get("texts", [])]
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string"}
 
 
-def entry_from_json(result: dict[str, Any]) -> UniProtEntry:
-    """Map one element of a UniProt REST `results` array onto the common entry."""
-    comments: dict[str, list[dict[str, Any]]] = {}
-    for comment in result.get("comments", []):
-        comments.setdefault(comment.get("commentType", ""), []).append(comment)
+def _typed(value: Any, kind: type, where: str) -> Any:
+    """`value` when it is of JSON type `kind` (absent or null: an empty one); else a ValueError naming `where`."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}: expected {_JSON_TYPES[kind]}, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _member(parent: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """Member `key` of an object at path `where` ('' at the top, else ending in '.'), checked to be a `kind`."""
+    return _typed(parent.get(key), kind, f"{where}{key}")
+
+
+def _objects(parent: dict[str, Any], key: str, where: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """The objects of array member `key`, each with its path ('comments[2].'), so that errors inside name it."""
+    for index, item in enumerate(_member(parent, key, list, where)):
+        path = f"{where}{key}[{index}]"
+        yield _typed(item, dict, path), f"{path}."
+
+
+def entry_from_json(result: Any) -> UniProtEntry:
+    """Map one UniProt REST JSON entry onto the common entry; a member of the wrong JSON type is a ValueError naming
+    its path (`comments[2].texts[0].value: expected a string, got int 5`)."""
+    result = _typed(result, dict, "entry")
+    accession = result.get("primaryAccession")
+    if not isinstance(accession, str):
+        raise ValueError(f"primaryAccession: expected a string, got {type(accession).__name__} {accession!r:.40}")
+    comments: dict[str, list[tuple[dict[str, Any], str]]] = {}
+    for comment, where in _objects(result, "comments", ""):
+        comments.setdefault(_member(comment, "commentType", str, where), []).append((comment, where))
 
     def texts(kind: str) -> list[str]:
-        return [text for comment in comments.get(kind, []) for text in _texts(comment)]
+        return [
+            _member(text, "value", str, at)
+            for comment, where in comments.get(kind, [])
+            for text, at in _objects(comment, "texts", where)
+        ]
 
     def features(kinds: set[str]) -> list[str]:
-        return [f.get("description", "") for f in result.get("features", []) if f.get("type") in kinds]
+        return [
+            _member(feature, "description", str, at)
+            for feature, at in _objects(result, "features", "")
+            if _member(feature, "type", str, at) in kinds
+        ]
 
-    description = result.get("proteinDescription", {})
-    named = description.get("recommendedName") or next(iter(description.get("submissionNames", [])), {})
-    reactions = [c.get("reaction", {}) for c in comments.get("CATALYTIC ACTIVITY", [])]
-    cofactors = [
-        item
-        for c in comments.get("COFACTOR", [])
-        for item in [co.get("name", "") for co in c.get("cofactors", [])] + _texts(c.get("note", {}))
+    description = _member(result, "proteinDescription", dict, "")
+    named, at = _member(description, "recommendedName", dict, "proteinDescription."), "proteinDescription."
+    at += "recommendedName."
+    if not named:
+        named, at = next(_objects(description, "submissionNames", "proteinDescription."), ({}, ""))
+    full_name = _member(_member(named, "fullName", dict, at), "value", str, f"{at}fullName.")
+    reactions = [
+        (_member(comment, "reaction", dict, where), f"{where}reaction.")
+        for comment, where in comments.get("CATALYTIC ACTIVITY", [])
     ]
-    locations = [
-        loc.get("location", {}).get("value", "")
-        for c in comments.get("SUBCELLULAR LOCATION", [])
-        for loc in c.get("subcellularLocations", [])
-    ]
+    cofactors, locations = [], []
+    for comment, where in comments.get("COFACTOR", []):
+        cofactors += [_member(item, "name", str, at) for item, at in _objects(comment, "cofactors", where)]
+        note = _member(comment, "note", dict, where)
+        cofactors += [_member(text, "value", str, at) for text, at in _objects(note, "texts", f"{where}note.")]
+    for comment, where in comments.get("SUBCELLULAR LOCATION", []):
+        for item, at in _objects(comment, "subcellularLocations", where):
+            locations.append(_member(_member(item, "location", dict, at), "value", str, f"{at}location."))
     go: dict[str, list[str]] = {name: [] for name in _GO_FIELDS.values()}
-    for reference in result.get("uniProtKBCrossReferences", []):
-        if reference.get("database") != "GO":
+    for reference, where in _objects(result, "uniProtKBCrossReferences", ""):
+        if _member(reference, "database", str, where) != "GO":
             continue
-        for prop in reference.get("properties", []):
-            term = prop.get("value", "")
-            if prop.get("key") == "GoTerm" and term[:2] in ("F:", "P:", "C:"):
+        for prop, at in _objects(reference, "properties", where):
+            term = _member(prop, "value", str, at)
+            if _member(prop, "key", str, at) == "GoTerm" and term[:2] in ("F:", "P:", "C:"):
                 go[_GO_FIELDS[term[0]]].append(term[2:])
-    organism = result.get("organism", {})
-    organism_name = organism.get("scientificName", "")
-    if organism.get("commonName"):
-        organism_name += f" ({organism['commonName']})"
+    organism = _member(result, "organism", dict, "")
+    organism_name = _member(organism, "scientificName", str, "organism.")
+    common_name = _member(organism, "commonName", str, "organism.")
+    if common_name:
+        organism_name += f" ({common_name})"
+    ec_numbers = [_member(ec, "value", str, where) for ec, where in _objects(named, "ecNumbers", at)]
     return UniProtEntry(
-        accession=result["primaryAccession"],
-        name=result.get("uniProtkbId", ""),
-        protein_name=clean_text(named.get("fullName", {}).get("value", "")),
+        accession=accession,
+        name=_member(result, "uniProtkbId", str, ""),
+        protein_name=clean_text(full_name),
         organism=organism_name,
-        sequence=result.get("sequence", {}).get("value", ""),
+        sequence=_member(_member(result, "sequence", dict, ""), "value", str, "sequence."),
         function=_unique(texts("FUNCTION")),
-        catalytic_activity=_unique(r.get("name", "") for r in reactions),
-        ec_numbers=_unique(
-            [ec.get("value", "") for ec in named.get("ecNumbers", [])] + [r.get("ecNumber", "") for r in reactions]
-        ),
+        catalytic_activity=_unique(_member(reaction, "name", str, where) for reaction, where in reactions),
+        ec_numbers=_unique(ec_numbers + [_member(reaction, "ecNumber", str, where) for reaction, where in reactions]),
         cofactor=_unique(cofactors),
         pathway=_unique(texts("PATHWAY")),
         subcellular_location=_unique(locations),
@@ -540,24 +705,41 @@ def entry_from_json(result: dict[str, Any]) -> UniProtEntry:
         motifs=_unique(features({"Motif"})),
         ptm=_unique(texts("PTM") + features(_JSON_PTM_FEATURES)),
         tissue_specificity=_unique(texts("TISSUE SPECIFICITY")),
-        keywords=_unique(k.get("name", "") for k in result.get("keywords", [])),
+        keywords=_unique(_member(keyword, "name", str, where) for keyword, where in _objects(result, "keywords", "")),
         **{name: _unique(values) for name, values in go.items()},
     )
 
 
+def _json_entries(document: Any) -> list[Any]:
+    """The entries of a UniProt REST document: a search or stream response `{"results": [...]}`, one entry (what
+    `/uniprotkb/<accession>.json` returns) or an array of entries; else a ValueError saying what is there."""
+    if isinstance(document, dict) and "results" in document:
+        if not isinstance(document["results"], list):
+            found = document["results"]
+            raise ValueError(f"results: expected an array of entries, got {type(found).__name__} {found!r:.40}")
+        return document["results"]
+    if isinstance(document, dict) and "primaryAccession" in document:
+        return [document]
+    if isinstance(document, list):
+        return document
+    found = f"an object with keys {sorted(document)[:6]}" if isinstance(document, dict) else repr(document)[:40]
+    raise ValueError(f'not UniProt JSON: expected {{"results": [...]}}, an entry or an array of entries, got {found}')
+
+
 def _read_json(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
-    """A REST response is one JSON document, so it is loaded per file; each result is mapped on its own."""
+    """A REST response is one JSON document, so it is loaded per file; each entry is mapped on its own."""
     try:
         with _open_text(path) as handle:
-            results = json.load(handle)["results"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+            results = _json_entries(json.load(handle))
+    except (OSError, ValueError, EOFError, zlib.error) as error:  # unreadable, not JSON, or not UniProt's layout
         report.skip(str(path), "whole file", f"{type(error).__name__}: {error}")
         return
     for index, result in enumerate(results):
         try:
-            entry = entry_from_json(result)
+            entry = checked_entry(entry_from_json(result))
         except Exception as error:  # noqa: BLE001 - one malformed result skips only itself
-            where = result.get("primaryAccession", f"entry #{index}") if isinstance(result, dict) else f"#{index}"
+            accession = result.get("primaryAccession") if isinstance(result, dict) else None
+            where = accession if isinstance(accession, str) and accession else f"entry #{index}"
             report.skip(str(path), where, f"{type(error).__name__}: {error}")
             continue
         report.read[str(path)] += 1
@@ -567,18 +749,19 @@ def _read_json(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
 def iter_entries(path: str | Path, report: ReadReport | None = None, workers: int = 1) -> Iterator[UniProtEntry]:
     """Entries of a UniProtKB file (flat/XML/JSON, optionally gzipped) or of every such file in a folder.
 
-    Problems go to `report` (pass one in to see them); a file of unknown format is reported, not guessed at.
+    Problems go to `report` (pass one in to see them); a file of unknown format is reported, not guessed at, and so
+    is a path that is not a readable file (see `_files`).
     `workers` > 1 parses flat-file records in that many processes (Biopython parsing is CPU-bound); entries and
     report are the same as with one, in the same order. XML and JSON are always read in this process. Workers are
     started with "spawn", so a calling script needs the usual `if __name__ == "__main__":` guard.
     """
     report = report if report is not None else ReadReport()
-    if not Path(path).exists():
+    if not os.path.lexists(path):
         raise ValueError(f"uniprot: {path} does not exist; give UniProtKB files or folders")
     # spawn, not fork: safe in callers that run threads (progress bars, tokenizers), same on every OS
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     try:
-        for file in _files(Path(path)):
+        for file in _files(Path(path), report):
             try:
                 kind = detect_format(file)
             except (OSError, UnicodeDecodeError) as error:

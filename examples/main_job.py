@@ -8,6 +8,7 @@ baselines, write a Hub-ready folder, reload it in a fresh process and ask it abo
     ./run.sh main --push_model_repo me/sepit-tiny --push_dataset_repo me/sepit-instructions   # then publish
 
 Every step is one of the project's own commands (printed before it runs), so each can be rerun or changed alone.
+`output_dir` must be new, empty or an earlier main job's (`--overwrite` passes each command its `--overwrite`).
 On the default, the models are tiny and trained from scratch on a few hundred proteins: the figures check the
 pipeline end to end; they are no claim about SEPIT's quality.
 """
@@ -24,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import load_dataset
+from huggingface_hub import constants
 
 from dataset_card.card import push_dataset
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.cli_sepit import script_parser
+from modeling_sepit.atomic_folder import claim_output_folder
+from modeling_sepit.cli_sepit import check_device, script_parser
 from modeling_sepit.hub_sepit import model_card, push_hub_folder, require_local_or_cached, save_hub_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +61,9 @@ class MainJobArguments:
     device: str = field(default="cpu", metadata={"help": "Device for evaluation and the reloaded pipeline."})
     push_model_repo: str | None = field(default=None, metadata={"help": "Hub model repo to publish the model to."})
     push_dataset_repo: str | None = field(default=None, metadata={"help": "Hub dataset repo for the dataset."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write output_dir (and every step's folder) even if it holds other files."}
+    )
 
     def __post_init__(self) -> None:
         given = [self.protein_model, self.language_model, self.text_encoder]
@@ -73,6 +79,14 @@ class MainJobArguments:
         for name, least in (("max_steps", 1), ("max_eval_samples", 1), ("external_per_benchmark", 2)):
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        check_device(self.device)
+        for name in ("push_model_repo", "push_dataset_repo"):
+            if getattr(self, name) and constants.HF_HUB_OFFLINE:
+                raise ValueError(f"{name}: HF_HUB_OFFLINE=1, so the Hub cannot be reached; publish later, online")
+
+
+class StepFailed(Exception):
+    """A step's command failed; it printed its own error."""
 
 
 def run(step: str, command: list[str]) -> float:
@@ -80,14 +94,20 @@ def run(step: str, command: list[str]) -> float:
     print(f"\n== {step}\n$ {shlex.join(command)}", flush=True)
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
+    if code != 0:
+        raise StepFailed(f"step {step!r} failed (exit {code}); its error is printed above")
     return time.perf_counter() - start
 
 
 def training_command(args: MainJobArguments, script: str, recipe: str) -> list[str]:
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
     command = [*prefix, f"training/{script}", "--config", str(ROOT / args.recipes / recipe)]
-    return command + (["--max_steps", str(args.max_steps)] if args.max_steps else [])
+    return command + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + overwrite_flag(args)
+
+
+def overwrite_flag(args: MainJobArguments) -> list[str]:
+    return ["--overwrite", "true"] if args.overwrite else []
 
 
 def held_out_requests(dataset_dir: Path) -> list[dict]:
@@ -156,7 +176,7 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
         base_models=[args.protein_model, args.language_model] if args.protein_model else None,
         datasets=[args.push_dataset_repo] if args.push_dataset_repo else None,
     )
-    return save_hub_folder(model, processor, paths["hub"], card=card)
+    return save_hub_folder(model, processor, paths["hub"], card=card, overwrite=args.overwrite)
 
 
 def table_section(path: Path, heading: str) -> str:
@@ -172,27 +192,38 @@ def main(argv: list[str] | None = None) -> int:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         for name in ("protein_model", "language_model", "text_encoder", "bertscore_model"):
             require_local_or_cached(getattr(args, name), name)  # offline: before the dataset is built
+        inputs = [args.dataset_dir, args.protein_model, args.language_model, args.text_encoder, args.bertscore_model]
+        out = claim_output_folder(ROOT / args.output_dir, "main_job", inputs, args.overwrite).resolve()
     except ValueError as error:
         print(f"main_job: error: {error}", file=sys.stderr)
         return 2
-    out = (ROOT / args.output_dir).resolve()
+    try:
+        return run_steps(args, out)
+    except StepFailed as error:
+        print(f"main_job: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_steps(args: MainJobArguments, out: Path) -> int:
+    """Every step in turn, each writing into its own folder under `out`."""
     paths = {name: out / name for name in ("dataset", "parts", "stage0", "stage1", "stage2", "evaluation")}
     paths |= {"instructprotein": out / "instructprotein", "hub": out / "hub-model"}
     if args.dataset_dir:
         paths["dataset"] = Path(args.dataset_dir).resolve()
     python, timings, started = sys.executable, {}, time.perf_counter()
+    flag = overwrite_flag(args)
 
     if not args.dataset_dir:
         build = [python, "-m", "dataset_card.build_dataset", "--output_dir", str(paths["dataset"])]
-        timings["dataset"] = run("1/8 the instruction dataset (bundled UniProt + PDB demo corpus)", build)
+        timings["dataset"] = run("1/8 the instruction dataset (bundled UniProt + PDB demo corpus)", [*build, *flag])
     external = [python, "-m", "dataset_card.external_benchmarks", "--output_dir", str(paths["instructprotein"])]
-    external += ["--max_per_benchmark", str(args.external_per_benchmark)]
+    external += ["--max_per_benchmark", str(args.external_per_benchmark), *flag]
     timings["external benchmark"] = run("2/8 InstructProtein yes/no test sets", external)
     if args.protein_model:
         parts = {"protein": args.protein_model, "language": args.language_model, "text": args.text_encoder}
     else:
         build = [python, "training/build_tiny_parts.py", "--dataset_dir", str(paths["dataset"])]
-        timings["tiny parts"] = run("3/8 tiny parts", [*build, "--output_dir", str(paths["parts"])])
+        timings["tiny parts"] = run("3/8 tiny parts", [*build, "--output_dir", str(paths["parts"]), *flag])
         parts = {name: str(paths["parts"] / f"{name}_model") for name in ("protein", "language")}
         parts["text"] = str(paths["parts"] / "text_encoder")
 
@@ -211,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = [python, "training/evaluate.py", "--model_name_or_path", str(paths["stage2"]), *data]
     evaluate += ["--output_dir", str(paths["evaluation"]), "--external_benchmarks", str(paths["instructprotein"])]
-    evaluate += ["--device", args.device]
+    evaluate += ["--device", args.device, *flag]
     if args.max_eval_samples:
         evaluate += ["--max_samples", str(args.max_eval_samples)]
     if args.bertscore_model:

@@ -1,17 +1,26 @@
 """The command lines' parser and help. `--help` fits on a screen: what the script does and how it is called (its
 docstring), its own arguments, and, for the trainer scripts, where the hundreds of inherited `TrainingArguments` /
-`SFTConfig` options come from; `--help-all` still lists every one of them. Argument errors print one line."""
+`SFTConfig` options come from; `--help-all` still lists every one of them. Argument errors print one line.
+
+Also the checks the command lines run on arguments that the libraries would refuse only later, with a traceback: a
+device that is not there, a dataset folder `load_dataset` cannot load, a trainer's output folder, resume point or
+sample count."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, Field, fields
+from pathlib import Path
 
-from transformers import HfArgumentParser
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from .atomic_folder import check_output_path, claim_output_folder
 
 WIDTH = 120
 # (name, documentation) of the inherited trainer arguments, for `script_parser(..., trainer_arguments=...)`.
@@ -113,4 +122,102 @@ def _required(field: Field) -> bool:
     return field.default is MISSING and field.default_factory is MISSING
 
 
-__all__ = ["SFT_CONFIG_DOCS", "TRAINING_ARGUMENTS_DOCS", "HelpFormatter", "script_parser"]
+def check_device(device: str, field: str = "device") -> str:
+    """`device` if torch can place a model there now; else a ValueError naming `field` and the devices there are."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{field}: {device!r} is not a device ({error}); use cpu, cuda or cuda:N") from None
+    if where.type == "cpu":
+        return device
+    if where.type == "cuda" and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if where.index is None or where.index < count:
+            return device
+        raise ValueError(f"{field}: {device} but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    if where.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise ValueError(f"{field}: {device} is not available on this machine (no {where.type.upper()} device); use cpu")
+
+
+def check_dataset(name: str, config: str | None, field: str = "dataset_name") -> None:
+    """A ValueError naming `field` unless `load_dataset(name, config)` can load every split of a local folder: no
+    loading script (datasets no longer runs them), the config exists, and each declared split has data files and
+    rows. A Hub id is left to `load_dataset`."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return
+    scripts = sorted(path.name for path in folder.glob("*.py"))
+    if scripts:
+        raise ValueError(
+            f"{field}: {name} holds a loading script ({scripts[0]}), which datasets no longer runs; give a folder of "
+            "data files (python -m dataset_card.build_dataset writes one)"
+        )
+    from datasets import load_dataset_builder  # the `train` extra; only the commands that read a dataset need it
+
+    try:
+        builder = load_dataset_builder(name, config)
+    except Exception as error:  # noqa: BLE001 - whatever datasets refuses, the command line says so in one line
+        raise ValueError(f"{field}: {name} (config {config!r}) cannot be loaded: {error}") from None
+    declared = builder.info.splits or {}
+    for split, files in (builder.config.data_files or {}).items():
+        if not files:
+            raise ValueError(
+                f"{field}: {name} declares a {split!r} split (config {config!r}) but none of its data files is there "
+                "(deleted?); rebuild the dataset"
+            )
+        if split in declared and declared[split].num_examples == 0:
+            raise ValueError(
+                f"{field}: the {split!r} split of {name} (config {config!r}) has no rows, which load_dataset refuses; "
+                "rebuild the dataset with python -m dataset_card.build_dataset"
+            )
+
+
+def check_training_run(
+    training_args: TrainingArguments,
+    writer: str,
+    inputs: Iterable[str | os.PathLike | None],
+    overwrite: bool,
+    max_train_samples: int | None = None,
+) -> None:
+    """The arguments of a trainer script that the Trainer would refuse only mid-run: `output_dir` (see
+    `check_output_path`: it may not replace what the command did not write, nor touch an input), the resume point
+    (`true` needs a checkpoint in `output_dir`; a path must be a checkpoint folder) and `max_train_samples`."""
+    if max_train_samples is not None and max_train_samples < 1:
+        raise ValueError(f"max_train_samples must be >= 1 (or unset for every row), got {max_train_samples}")
+    output_dir = check_output_path(training_args.output_dir, writer, inputs, overwrite)
+    resume = training_args.resume_from_checkpoint
+    if resume is None or str(resume).lower() in ("", "false"):
+        return
+    if str(resume).lower() == "true":
+        if not any(output_dir.glob("checkpoint-*/trainer_state.json")):
+            raise ValueError(
+                f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N folder to resume from; leave "
+                "it out to start a new run"
+            )
+    elif not (Path(resume) / "trainer_state.json").is_file():
+        what = "is not a checkpoint folder (no trainer_state.json)" if Path(resume).is_dir() else "does not exist"
+        raise ValueError(
+            f"resume_from_checkpoint: {resume} {what}; give a checkpoint-N folder of an earlier run, or true for the "
+            "newest in output_dir"
+        )
+
+
+def claim_training_output(
+    training_args: TrainingArguments, writer: str, inputs: Iterable[str | os.PathLike | None], overwrite: bool
+) -> None:
+    """Mark `output_dir` as `writer`'s once every argument has been checked (only the saving process writes)."""
+    if training_args.should_save:
+        claim_output_folder(training_args.output_dir, writer, inputs, overwrite)
+
+
+__all__ = [
+    "SFT_CONFIG_DOCS",
+    "TRAINING_ARGUMENTS_DOCS",
+    "HelpFormatter",
+    "check_dataset",
+    "check_device",
+    "check_training_run",
+    "claim_training_output",
+    "script_parser",
+]

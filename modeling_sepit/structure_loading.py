@@ -4,10 +4,13 @@ Experimental structures miss residues (disordered loops, termini, expression tag
 structure are aligned to the sequence the model is given instead of being assumed to cover it.
 """
 
+import errno
 import gzip
 import io
 import os
 import re
+import stat
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -26,6 +29,15 @@ _CIF_SUFFIXES = (".cif", ".mmcif")
 _ACCEPTED = ", ".join(_PDB_SUFFIXES + _CIF_SUFFIXES) + " (optionally gzipped, with .gz appended)"
 _ALPHAFOLD_TITLE = re.compile(r"^(?:HEADER|TITLE).*ALPHAFOLD", re.MULTILINE | re.IGNORECASE)
 _MIN_IDENTITY = 0.9
+# Largest structure text read (after decompression): 128 MiB, about a million atoms of mmCIF. A chain for a 1022-residue
+# encoder needs far less; a file (or a gzip bomb) that expands past it would fill memory before parsing could fail.
+MAX_STRUCTURE_BYTES = 1 << 27
+_FILE_KINDS = {
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
 _BLOSUM_STAND_INS = str.maketrans("UO", "CK")
 
 
@@ -47,12 +59,13 @@ def load_structure(path: str | os.PathLike, chain: str | None = None) -> Protein
     if not isinstance(path, str | os.PathLike):
         raise ValueError(f"structure: expected a PDB/mmCIF file path, got {type(path).__name__}; accepted: {_ACCEPTED}")
     path = Path(path)
-    if path.is_dir():
+    kind = file_kind(path, "structure file")
+    if kind == "folder":
         raise ValueError(f"{path}: is a directory, not a structure file")
-    if not path.exists():
-        raise ValueError(f"{path}: no such structure file")
+    if kind != "file":
+        raise ValueError(f"{path}: {kind}")
     is_cif = _is_cif(path)
-    text = _read_text(path)
+    text = read_structure_text(path)
     atoms, is_alphafold = _parse_cif(text, path) if is_cif else _parse_pdb(text, path)
     atoms = _select_chain(atoms[struc.filter_amino_acids(atoms)], chain, path)
 
@@ -112,16 +125,52 @@ def _is_cif(path: Path) -> bool:
     raise ValueError(f"{path}: unknown structure file suffix; accepted: {_ACCEPTED}")
 
 
-def _read_text(path: Path) -> str:
+def file_kind(path: str | os.PathLike, noun: str = "file") -> str:
+    """'file' (a regular file, or a link to one), 'folder', or why `path` is neither, for a message: no such `noun`,
+    a broken link, a link loop, or a named pipe or device (reading one blocks, or never ends)."""
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop (the link leads back to itself), not a file"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        if error.errno == errno.ENOENT:
+            return f"no such {noun}"
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return f"a {_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')}, not a regular file"
+
+
+def _read_capped(handle: io.BufferedIOBase, path: Path) -> bytes:
+    data = handle.read(MAX_STRUCTURE_BYTES + 1)
+    if len(data) > MAX_STRUCTURE_BYTES:
+        raise ValueError(
+            f"{path}: more than {MAX_STRUCTURE_BYTES >> 20} MiB of structure text (MAX_STRUCTURE_BYTES); extract the "
+            "chain you need into its own file"
+        )
+    return data
+
+
+def read_structure_text(path: Path) -> str:
+    """The text of a PDB/mmCIF file (gunzipped when it ends in .gz, without a byte-order mark), at most
+    `MAX_STRUCTURE_BYTES` of it; a ValueError naming the file for anything that is not such text."""
+    try:
+        with open(path, "rb") as handle:
+            if path.suffix.lower() != ".gz":
+                data = _read_capped(handle, path)
+            else:
+                try:
+                    with gzip.open(handle) as unpacked:
+                        data = _read_capped(unpacked, path)
+                except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+                    raise ValueError(f"{path}: corrupt or truncated gzip data ({error})") from error
     except OSError as error:
         raise ValueError(f"{path}: cannot read the structure file ({error})") from error
-    if path.suffix.lower() == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except Exception as error:  # BadGzipFile, EOFError, zlib.error: all mean the same to the caller
-            raise ValueError(f"{path}: corrupt or truncated gzip data ({error})") from error
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some Windows editors write
     if not data.strip():
         raise ValueError(f"{path}: the structure file is empty")
     if b"\0" in data:

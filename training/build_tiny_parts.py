@@ -30,11 +30,12 @@ from transformers import (
     set_seed,
 )
 
-from modeling_sepit.atomic_folder import atomic_folder
+from modeling_sepit.atomic_folder import atomic_folder, check_output_path
 from modeling_sepit.cli_sepit import script_parser
 
 PROTEIN_TOKENIZER = Path(__file__).resolve().parent / "recipes" / "tiny" / "protein_tokenizer"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+WRITER = "build_tiny_parts"
 
 
 @dataclass
@@ -49,6 +50,10 @@ class TinyPartsArguments:
     protein_hidden_size: int = field(default=64, metadata={"help": "Hidden size of the ESM encoder."})
     protein_layers: int = field(default=3, metadata={"help": "Layers of the ESM encoder."})
     seed: int = field(default=0, metadata={"help": "Seed of the random initialisations."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir even if it holds other files."})
+
+    def __post_init__(self) -> None:
+        check_output_path(self.output_dir, WRITER, [self.dataset_dir], self.overwrite)  # before training a tokenizer
 
 
 def _texts(dataset_dir: str) -> Iterator[str]:
@@ -111,7 +116,7 @@ def build_tiny_parts(args: TinyPartsArguments) -> Path:
         intermediate_size=128,
         pad_token_id=text_tokenizer.pad_token_id,
     )
-    with atomic_folder(args.output_dir) as staging:
+    with atomic_folder(args.output_dir, WRITER, [args.dataset_dir], args.overwrite) as staging:
         for name, model, tokenizer in (
             ("protein_model", EsmForMaskedLM(esm_config), protein_tokenizer),
             ("language_model", LlamaForCausalLM(llama_config), text_tokenizer),
@@ -123,7 +128,11 @@ def build_tiny_parts(args: TinyPartsArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = script_parser([TinyPartsArguments], __doc__).parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = script_parser([TinyPartsArguments], __doc__).parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        print(f"build_tiny_parts: error: {error}", file=sys.stderr)
+        return 2
     print(f"tiny parts written to {build_tiny_parts(args)}")
     return 0
 

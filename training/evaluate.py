@@ -8,27 +8,32 @@ and yes/no accuracy, overall and per question type. Only configuration lives her
 Writes `<output_dir>/<benchmark>/metrics.{json,md,png}` and `predictions.jsonl` (question, reference, every system's
 answer), for the held-out split (`heldout`) and, when given, the InstructProtein yes/no sets (`instructprotein`,
 built by `python -m dataset_card.external_benchmarks`). The paper's BERTScore model is PubMedBERT; offline, pass a
-local folder (the default is all-MiniLM-L6-v2, shipped in the `eval` extra).
+local folder (the default is all-MiniLM-L6-v2, shipped in the `eval` extra). `output_dir` is written all at once when
+every benchmark is scored (a run killed before leaves the previous reports whole), and only over an earlier
+evaluation's folder, an empty one or a new path (else `--overwrite`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.cli_sepit import script_parser
+from modeling_sepit.atomic_folder import atomic_folder, check_output_path
+from modeling_sepit.cli_sepit import check_dataset, check_device, script_parser
 from modeling_sepit.evaluation_sepit import SYSTEMS, generate_answers, is_closed
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
 from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"
+WRITER = "evaluate"
+# The columns a question row needs (the `instructions` config's; `captions` rows hold no question).
+QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
 
 
 @dataclass
@@ -61,6 +66,9 @@ class EvaluationArguments:
     )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
     device: str = field(default="cpu", metadata={"help": "Device to generate on (cuda on a GPU machine)."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace output_dir even if it holds something else than an evaluation."}
+    )
 
     def __post_init__(self) -> None:
         local = Path(self.model_name_or_path)
@@ -79,6 +87,28 @@ class EvaluationArguments:
             self.bertscore_model, self.bertscore_num_layers = default_bertscore_model(), 6
         elif self.bertscore_model.lower() == "none":
             self.bertscore_model = None
+        check_device(self.device)
+        check_output_path(self.output_dir, WRITER, self.inputs, self.overwrite)
+
+    @property
+    def inputs(self) -> list[str | None]:
+        """What the evaluation reads: the output may not replace or lie inside any of them."""
+        return [self.model_name_or_path, self.dataset_name, self.external_benchmarks, self.bertscore_model]
+
+
+def question_rows(dataset_name: str, config: str, split: str | None) -> Dataset:
+    """The rows of a question split (split "test" of a folder without configs when `config` is None), refused with
+    a ValueError naming the argument when `load_dataset` could not load it or its rows hold no questions."""
+    field = "dataset_name" if config else "external_benchmarks"
+    check_dataset(dataset_name, config, field)
+    dataset = load_dataset(dataset_name, config, split=split)
+    missing = [column for column in QUESTION_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset_config: {config or 'default'} rows of {dataset_name} have no {missing} columns (no questions); "
+            "evaluate the 'instructions' config"
+        )
+    return dataset
 
 
 def evaluate_benchmark(
@@ -89,7 +119,7 @@ def evaluate_benchmark(
     output_dir: Path,
     title: str,
 ) -> dict[str, dict]:
-    """Answers of every system to `rows`, their scores, and the report files in `output_dir`."""
+    """Answers of every system to `rows`, their scores, and the report files in `output_dir` (a staging folder)."""
     answers = {
         system: generate_answers(model, processor, rows, system, args.batch_size, args.max_new_tokens)
         for system in args.systems
@@ -107,15 +137,12 @@ def evaluate_benchmark(
         )
         for system, predictions in answers.items()
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_report(results, output_dir, title=title)
-    staging = output_dir / ".predictions.jsonl.tmp"
-    with staging.open("w", encoding="utf-8") as handle:
+    with (output_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for i, row in enumerate(rows):
             record = {"accession": row["accession"], "type": row["type"], "question": row["question"]}
             record |= {"reference": row["answer"], **{system: answers[system][i] for system in answers}}
             handle.write(json.dumps(record) + "\n")
-    os.replace(staging, output_dir / "predictions.jsonl")
     return results
 
 
@@ -129,20 +156,23 @@ def main(argv: list[str] | None = None) -> int:
         processor = SepitProcessor.from_pretrained(args.model_name_or_path)
         model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
         model = model.to(args.device)
-        benchmarks = {"heldout": load_dataset(args.dataset_name, args.dataset_config, split=args.split)}
+        benchmarks = {"heldout": question_rows(args.dataset_name, args.dataset_config, args.split)}
         if args.external_benchmarks:
-            benchmarks["instructprotein"] = load_dataset(args.external_benchmarks, split="test")
+            benchmarks["instructprotein"] = question_rows(args.external_benchmarks, None, "test")
     except (ValueError, OSError) as error:  # arguments, model or dataset
         print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
-    for name, dataset in benchmarks.items():
-        if args.max_samples is not None:
-            dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-        with_structure = sum(source is not None for source in dataset["structure_source"])  # not the coordinates
-        model_name = Path(args.model_name_or_path).name
-        title = f"{name}: {model_name} on {len(dataset)} questions ({with_structure} with a structure)"
-        evaluate_benchmark(model, processor, dataset.to_list(), args, output_dir / name, title)
+    with atomic_folder(output_dir, WRITER, args.inputs, args.overwrite) as staging:
+        for name, dataset in benchmarks.items():
+            if args.max_samples is not None:
+                dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+            with_structure = sum(source is not None for source in dataset["structure_source"])  # not the coordinates
+            model_name = Path(args.model_name_or_path).name
+            title = f"{name}: {model_name} on {len(dataset)} questions ({with_structure} with a structure)"
+            (staging / name).mkdir()
+            evaluate_benchmark(model, processor, dataset.to_list(), args, staging / name, title)
+    for name in benchmarks:
         print(f"{name}: {output_dir / name / 'metrics.md'}")
         print((output_dir / name / "metrics.md").read_text(encoding="utf-8"))
     return 0

@@ -20,7 +20,14 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.cli_sepit import SFT_CONFIG_DOCS, script_parser
+from modeling_sepit.atomic_folder import check_output_path
+from modeling_sepit.cli_sepit import (
+    SFT_CONFIG_DOCS,
+    check_dataset,
+    check_training_run,
+    claim_training_output,
+    script_parser,
+)
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
 from modeling_sepit.training_sepit import (
     SepitSFTTrainer,
@@ -32,6 +39,7 @@ from modeling_sepit.training_sepit import (
     save_loss_plot,
 )
 
+WRITER = "finetune_lora"
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_PROJECTIONS = ("query", "key", "value")
 
@@ -67,6 +75,9 @@ class SepitLoraArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     merged_dir: str | None = field(
         default=None, metadata={"help": "Folder for the merged model (default: <output_dir>/merged); '' skips it."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write output_dir and merged_dir even if they hold other files."}
     )
 
     def __post_init__(self) -> None:
@@ -107,14 +118,19 @@ def lora_config(args: SepitLoraArguments) -> LoraConfig:
 
 
 def merge_adapter(
-    model_name_or_path: str, adapter_dir: str | Path, merged_dir: str | Path, dtype: str = "auto"
+    model_name_or_path: str,
+    adapter_dir: str | Path,
+    merged_dir: str | Path,
+    dtype: str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Merge a saved adapter into a fresh copy of its base and write a standalone Hub folder (weights, config with
     `auto_map`, remote code, processor). Done from the saved files, so it works the same after DDP, FSDP or ZeRO-3
     runs, whose in-memory model may be sharded."""
     base = SepitForConditionalGeneration.from_pretrained(model_name_or_path, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return save_hub_folder(merged, SepitProcessor.from_pretrained(adapter_dir), merged_dir)
+    processor = SepitProcessor.from_pretrained(adapter_dir)
+    return save_hub_folder(merged, processor, merged_dir, inputs=[model_name_or_path], overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
         require_local_or_cached(script_args.model_name_or_path, "model_name_or_path")  # offline: a missing Hub model
+        inputs = [script_args.model_name_or_path, script_args.dataset_name]
+        check_training_run(training_args, WRITER, inputs, script_args.overwrite, script_args.max_train_samples)
+        merged_dir = script_args.merged_dir
+        if merged_dir is None:
+            merged_dir = Path(training_args.output_dir) / "merged"
+        if merged_dir:
+            check_output_path(merged_dir, "save_hub_folder", inputs, script_args.overwrite, field="merged_dir")
+        check_dataset(script_args.dataset_name, script_args.dataset_config)
         set_seed(training_args.seed)
         processor = SepitProcessor.from_pretrained(script_args.model_name_or_path)
         processor.max_protein_length = script_args.max_protein_length
@@ -135,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
         )
+        claim_training_output(training_args, WRITER, inputs, script_args.overwrite)
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
         print(f"finetune_lora: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
@@ -159,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_world_process_zero():
         title = f"LoRA: {output_dir.name}"
         save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title, mega_batch_steps(trainer))
-        merged_dir = output_dir / "merged" if script_args.merged_dir is None else script_args.merged_dir
         if merged_dir:
-            merge_adapter(script_args.model_name_or_path, output_dir, merged_dir, script_args.dtype)
+            merge_adapter(
+                script_args.model_name_or_path, output_dir, merged_dir, script_args.dtype, script_args.overwrite
+            )
             trainer.accelerator.print(f"adapter in {output_dir}; merged model in {merged_dir}")
     trainer.accelerator.wait_for_everyone()
     end_training(trainer)

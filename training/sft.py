@@ -19,7 +19,13 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from modeling_sepit import SepitConfig, SepitDataCollator, SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.cli_sepit import SFT_CONFIG_DOCS, script_parser
+from modeling_sepit.cli_sepit import (
+    SFT_CONFIG_DOCS,
+    check_dataset,
+    check_training_run,
+    claim_training_output,
+    script_parser,
+)
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
@@ -83,6 +89,9 @@ class SepitSFTArguments:
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write into output_dir even if it holds files this script did not write."}
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "Weights' dtype when loading: float32 keeps fp32 master weights under bf16 autocast."},
@@ -160,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         models = ("model_name_or_path", "protein_model_name_or_path", "language_model_name_or_path")
         for name in (*models, "encoder_warmup_dir"):
             require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
+        inputs = [script_args.dataset_name, *(getattr(script_args, name) for name in (*models, "encoder_warmup_dir"))]
+        check_training_run(training_args, "sft", inputs, script_args.overwrite, script_args.max_train_samples)
+        check_dataset(script_args.dataset_name, script_args.dataset_config)
         set_seed(training_args.seed)
         model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
         configure_sft(training_args, model)
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             train_dataset = train_dataset.map(
                 lambda rows: {length_column: llm_lengths(rows, processor)}, batched=True, desc="LLM lengths"
             )
+        claim_training_output(training_args, "sft", inputs, script_args.overwrite)
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
         print(f"sft: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

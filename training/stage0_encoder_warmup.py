@@ -24,13 +24,20 @@ from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
-from modeling_sepit.cli_sepit import TRAINING_ARGUMENTS_DOCS, script_parser
+from modeling_sepit.cli_sepit import (
+    TRAINING_ARGUMENTS_DOCS,
+    check_dataset,
+    check_training_run,
+    claim_training_output,
+    script_parser,
+)
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
 from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, mega_batch_steps, save_loss_plot
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
 MODEL_OVERRIDES = ("projection_dim", "mlm_probability", "coordinate_noise_scale", "num_gaussian_kernels")
+WRITER = "stage0_encoder_warmup"
 
 
 @dataclass
@@ -60,6 +67,9 @@ class Stage0Arguments:
     )
     num_gaussian_kernels: int | None = field(
         default=None, metadata={"help": "Distance kernels of the structure module (new model; stage 1 must match)."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write into output_dir even if it holds files this script did not write."}
     )
 
     def __post_init__(self) -> None:
@@ -184,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = script_parser((Stage0Arguments, TrainingArguments), __doc__, TRAINING_ARGUMENTS_DOCS)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
-        for name in ("model_name_or_path", "protein_model_name_or_path", "text_encoder_name_or_path"):
+        models = ("model_name_or_path", "protein_model_name_or_path", "text_encoder_name_or_path")
+        for name in models:
             require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
+        inputs = [script_args.dataset_name, *(getattr(script_args, name) for name in models)]
+        check_training_run(training_args, WRITER, inputs, script_args.overwrite)
+        check_dataset(script_args.dataset_name, script_args.dataset_config)
         trainer = build_trainer(script_args, training_args)
+        claim_training_output(training_args, WRITER, inputs, script_args.overwrite)
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset
         print(f"stage0_encoder_warmup: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
