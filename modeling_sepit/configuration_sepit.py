@@ -68,6 +68,8 @@ class SepitConfig(PreTrainedConfig):
         structure_embedding_scale (`float`): scale of the structural term added to the residue embeddings.
         structure_chunk_size (`int`): kernel values (residue pairs x kernels) expanded at once; the structure module's
             temporaries stay within this budget whatever the length and `num_gaussian_kernels`.
+        sequence_only (`bool`): the paper's sequence-only ablation: plain ESM-2 with no structure module (coordinates
+            given to it are ignored, with a warning).
         original_compat (`bool`): reproduce the original release (converted checkpoints): every padded protein position
             is spliced and attended, the structure bias covers the `[1:-1]` block of the padded length with
             coordinate-less queries included, and embeddings of pad-id tokens are zeroed.
@@ -96,6 +98,7 @@ class SepitConfig(PreTrainedConfig):
     structure_embedding_scale: float = 0.01
     structure_chunk_size: int = 4_194_304
     original_compat: bool = False
+    sequence_only: bool = False
     tie_word_embeddings: bool = False
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
@@ -152,6 +155,8 @@ class SepitConfig(PreTrainedConfig):
             raise ValueError(f"protein_feature_layer={self.protein_feature_layer} is outside [-{layers + 1}, {layers}]")
         if self.protein_pooling < 1:
             raise ValueError(f"protein_pooling must be >= 1 (1: a token per position), got {self.protein_pooling}")
+        if self.sequence_only and self.original_compat:
+            raise ValueError("sequence_only=True needs original_compat=False: the release has a structure module")
         if self.protein_token_id < 0:
             raise ValueError(f"protein_token_id must be a token id >= 0, got {self.protein_token_id}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -5,6 +5,7 @@ import inspect
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +59,17 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
+# Token ids: what `nn.Embedding` takes.
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+TENSOR_KINDS = {
+    "ids": "integer token ids (torch.long, or torch.int32)",
+    "mask": "0/1 values (bool, integer or float dtype)",
+    "real": "real numbers (e.g. torch.float32)",
+    "float": "floating-point numbers (e.g. torch.float32)",
+}
+# `generate` arguments that are token counts (`True` would silently mean 1), and its tensor inputs.
+COUNT_ARGUMENTS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length")
+GENERATE_TENSOR_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", *PROTEIN_INPUT_NAMES[:-1])
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -140,11 +152,29 @@ class SepitPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As transformers' `from_pretrained`, but a local folder is checked first: a missing config.json (from which
         transformers would silently build a default config) or missing / unreadable weights raise a ValueError naming
-        the file."""
+        the file. A checkpoint lacking weights the model has is refused, naming them (transformers would leave them
+        random and only log it), unless `output_loading_info=True` asks for the list; a local folder's weights stored
+        as integers, booleans or complex numbers where the model has floating-point ones are refused too (they would
+        be cast silently)."""
         folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if folder.is_dir() and kwargs.get("state_dict") is None and not kwargs.get("gguf_file"):
+        local = folder.is_dir() and kwargs.get("state_dict") is None and not kwargs.get("gguf_file")
+        if local:
             check_checkpoint_folder(folder, needs_config=kwargs.get("config") is None)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if pretrained_model_name_or_path is None or kwargs.get("state_dict") is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        caller_wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info["missing_keys"])
+        if missing and not caller_wants_info:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the checkpoint lacks {len(missing)} weights of the model ({shown}); "
+                "they would be random. Save the model again (save_pretrained), or load with output_loading_info=True "
+                "to get them initialised and listed"
+            )
+        if local:
+            check_stored_dtypes(model, folder)
+        return (model, info) if caller_wants_info else model
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs) -> None:
         """Weights are saved under the module names, not reverted to ESM's legacy `LayerNorm.gamma/beta` layout:
@@ -203,9 +233,17 @@ class SepitModel(SepitPreTrainedModel):
 
     def __init__(self, config: SepitConfig):
         super().__init__(config)
+        vocab_size = config.text_config.vocab_size
+        if not config.protein_token_id < vocab_size:
+            raise ValueError(
+                f"protein_token_id={config.protein_token_id} is outside the LLM vocabulary (text_config.vocab_size="
+                f"{vocab_size}): give the id the processor's tokenizer gives `<protein>` (from_pretrained_parts grows "
+                "the embeddings to hold it)"
+            )
         self.protein_model = EsmModel(config.protein_config, add_pooling_layer=False)
         keep_feature_layers(self.protein_model, config.protein_feature_layer)
-        self.structure_module = SepitStructureModule(config)
+        # The paper's sequence-only ablation (the original's `sequence_only=True`): plain ESM-2, no structure module.
+        self.structure_module = None if config.sequence_only else SepitStructureModule(config)
         self.multi_modal_projector = SepitMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         init_routers_too(self.language_model)
@@ -242,7 +280,7 @@ class SepitModel(SepitPreTrainedModel):
         time, so a protein with n positions gives ceil(n / k) tokens.
         """
         protein_attention_mask, coords_mask = validate_protein_inputs(
-            protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
+            protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask, self._protein_vocab_size()
         )
         self._check_structure_attention(coords_mask)
         features = self._encode_proteins(protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
@@ -250,6 +288,9 @@ class SepitModel(SepitPreTrainedModel):
             return features
         counts = self._protein_token_counts(protein_input_ids, protein_attention_mask)
         return BaseModelOutputWithPooling(pooler_output=features.split(counts.tolist()))
+
+    def _protein_vocab_size(self) -> int:
+        return self.protein_model.embeddings.word_embeddings.num_embeddings
 
     def _protein_token_counts(
         self, protein_input_ids: torch.Tensor, protein_attention_mask: torch.Tensor
@@ -261,7 +302,7 @@ class SepitModel(SepitPreTrainedModel):
 
     def _check_structure_attention(self, coords_mask: torch.Tensor | None) -> None:
         implementation = self.protein_model.config._attn_implementation
-        if coords_mask is not None and implementation not in BIAS_ATTENTION:
+        if coords_mask is not None and self.structure_module is not None and implementation not in BIAS_ATTENTION:
             raise ValueError(
                 f"protein_coords: the structure bias is an additive attention mask, which the ESM encoder's "
                 f"{implementation!r} attention cannot take; load with attn_implementation={{'protein_config': 'sdpa', "
@@ -286,7 +327,9 @@ class SepitModel(SepitPreTrainedModel):
         """`get_protein_features` on inputs `validate_protein_inputs` has checked."""
         embeddings = self.protein_model.embeddings(input_ids=protein_input_ids, attention_mask=protein_attention_mask)
         encoder_mask = protein_attention_mask
-        if coords_mask is not None:
+        if coords_mask is not None and self.structure_module is None:
+            logger.warning_once("a sequence-only SEPIT model (no structure module) ignores protein coordinates")
+        elif coords_mask is not None:
             attention_bias, embedding_term = self.structure_module(protein_coords, coords_mask)
             if embedding_term is not None:
                 embeddings = embeddings + embedding_term.to(embeddings.dtype)
@@ -339,6 +382,12 @@ class SepitModel(SepitPreTrainedModel):
     ) -> SepitModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        self._check_text_inputs(input_ids, attention_mask, position_ids, inputs_embeds, cache)
+        if mm_encoder_outputs is not None and not isinstance(mm_encoder_outputs, dict):
+            raise ValueError(
+                f"mm_encoder_outputs: got {type(mm_encoder_outputs).__name__}; give a dict {{'protein': "
+                "get_protein_features(..., return_dict=True)}"
+            )
         precomputed = (mm_encoder_outputs or {}).get("protein")
         if precomputed is not None and protein_input_ids is not None:
             raise ValueError("Pass the proteins either as `protein_input_ids` or as `mm_encoder_outputs`, not both.")
@@ -353,19 +402,27 @@ class SepitModel(SepitPreTrainedModel):
         placeholder = self.get_placeholder_mask(input_ids, inputs_embeds)
         if protein_input_ids is not None:
             protein_attention_mask, coords_mask = validate_protein_inputs(
-                protein_input_ids, protein_attention_mask, protein_coords, protein_coords_mask
+                protein_input_ids,
+                protein_attention_mask,
+                protein_coords,
+                protein_coords_mask,
+                self._protein_vocab_size(),
             )
             self._check_structure_attention(coords_mask)
             # Checked before the encoder runs: a mismatch fails at once, naming the fields.
-            tokens = self._protein_token_counts(protein_input_ids, protein_attention_mask).sum()
-            self._check_placeholder_count(placeholder, tokens, f"the {protein_input_ids.shape[0]} proteins")
+            tokens = self._protein_token_counts(protein_input_ids, protein_attention_mask)
+            source = f"the {protein_input_ids.shape[0]} proteins"
+            self._check_placeholder_count(placeholder, tokens, source, attention_mask)
             protein_features = self._encode_proteins(
                 protein_input_ids, protein_attention_mask, protein_coords, coords_mask
             )
         elif precomputed is not None:
-            pieces = precomputed.pooler_output
-            protein_features = torch.cat(list(pieces)) if isinstance(pieces, list | tuple) else pieces
-            self._check_placeholder_count(placeholder, protein_features.shape[0], "mm_encoder_outputs['protein']")
+            pieces = self._precomputed_pieces(precomputed)
+            protein_features = torch.cat(pieces)
+            # One tensor for several proteins has no boundaries to check the runs against: only their total.
+            listed = isinstance(precomputed.pooler_output, list | tuple)
+            tokens = torch.tensor([len(piece) for piece in pieces]) if listed else len(protein_features)
+            self._check_placeholder_count(placeholder, tokens, "mm_encoder_outputs['protein']", attention_mask)
         elif not is_tracing() and not (cache is not None and cache.get_seq_length() > 0):
             # Prompts only: decoding steps read the proteins from the cache, and `generate` never emits `<protein>`
             # unless told to (the original release embedded a generated `<protein>` as text).
@@ -411,18 +468,136 @@ class SepitModel(SepitPreTrainedModel):
             protein_features=protein_features,
         )
 
-    def _check_placeholder_count(self, placeholder: torch.Tensor, tokens: torch.Tensor | int, source: str) -> None:
-        """The `<protein>` placeholders must number the protein tokens. Not checked while torch.compile traces (the
-        check would break the graph on a host sync): compile a model whose inputs passed it once in eager mode."""
+    def _check_text_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> None:
+        """The LLM inputs' types and ranks (metadata, every call); their shapes against each other and the cache, and
+        on a prompt pass their values (one host sync; none in decoding steps, whose ids `generate` made). Shapes and
+        values are not checked while torch.compile traces: the cache length would specialise the graph."""
+        if input_ids is not None:
+            check_tensor("input_ids", input_ids, "ids", (2,), "(batch, sequence)")
+        if inputs_embeds is not None:
+            check_tensor("inputs_embeds", inputs_embeds, "float", (3,), "(batch, sequence, hidden size)")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, "mask", (2, 4), "(batch, past + sequence), or 4-D")
+        if position_ids is not None:
+            check_tensor("position_ids", position_ids, "ids", (2, 3), "(batch or 1, sequence)")
         if is_tracing():
             return
-        placeholders, tokens, pooling = int(placeholder.sum()), int(tokens), self.config.protein_pooling
-        if placeholders != tokens:
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        hidden = self.config.text_config.hidden_size
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != hidden:
             raise ValueError(
-                f"`input_ids` hold {placeholders} `<protein>` tokens but {source} give {tokens} protein tokens at "
+                f"inputs_embeds has width {inputs_embeds.shape[-1]}; it must be the LLM's hidden size {hidden}"
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape != (batch, past + length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, cached + new tokens) = "
+                f"({batch}, {past} + {length}), one column per token"
+            )
+        if position_ids is not None and (position_ids.shape[-1] != length or position_ids.shape[-2] not in (1, batch)):
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)}; it must be (batch or 1, sequence) = "
+                f"({batch}, {length})"
+            )
+        if past:
+            return
+        problems = []
+        if input_ids is not None:
+            vocab_size = self.config.text_config.vocab_size
+            problems.append(
+                (
+                    (input_ids < 0) | (input_ids >= vocab_size),
+                    lambda at: (
+                        f"input_ids holds {int(input_ids[at])} at row {at[0]}, position "
+                        f"{at[1]}: token ids must be in [0, {vocab_size}) (text_config.vocab_size); tokenize "
+                        "with the model's processor"
+                    ),
+                )
+            )
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.dtype is not torch.bool:
+            problems.append(
+                (
+                    (attention_mask != 0) & (attention_mask != 1),
+                    lambda at: (
+                        f"attention_mask holds {attention_mask[at].item()} at row {at[0]}, "
+                        f"position {at[1]}: it must hold only 0 (padding) and 1 (a token)"
+                    ),
+                )
+            )
+        _raise_first(problems)
+
+    def _precomputed_pieces(self, precomputed: object) -> list[torch.Tensor]:
+        """`mm_encoder_outputs['protein'].pooler_output` as a list of (tokens, LLM width) tensors, checked."""
+        name = "mm_encoder_outputs['protein'].pooler_output"
+        pieces = getattr(precomputed, "pooler_output", None)
+        if pieces is None:
+            raise ValueError(f"{name} is missing; give get_protein_features(..., return_dict=True)")
+        pieces = list(pieces) if isinstance(pieces, list | tuple) else [pieces]
+        hidden = self.config.text_config.hidden_size
+        for piece in pieces:
+            check_tensor(name, piece, "float", (2,), f"(protein tokens, {hidden}) per protein")
+            if piece.shape[-1] != hidden:
+                raise ValueError(f"{name} has width {piece.shape[-1]}; it must be the LLM's hidden size {hidden}")
+        return pieces
+
+    def _check_placeholder_count(
+        self,
+        placeholder: torch.Tensor,
+        tokens: torch.Tensor | int,
+        source: str,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """The `<protein>` placeholders must number the protein tokens and, given per-protein counts (`tokens` a
+        tensor), hold each protein's as one run, in protein order, row by row (`masked_scatter` fills them in that
+        order: a run in the wrong row would get another protein's features); every placeholder must be attended.
+        One host sync. Not checked while torch.compile traces (the check would break the graph on a host sync):
+        compile a model whose inputs passed it once in eager mode."""
+        if is_tracing():
+            return
+        counts = torch.as_tensor(tokens, device=placeholder.device).reshape(-1)
+        following = torch.zeros_like(placeholder)
+        following[:, :-1] = placeholder[:, 1:]
+        run_ends = placeholder & ~following  # a run ends before a non-placeholder or at the end of its row
+        placed = placeholder.flatten().cumsum(0).view_as(placeholder)  # placeholders up to here, row by row
+        misplaced = run_ends[:0, 0]
+        if isinstance(tokens, torch.Tensor):
+            misplaced = ~torch.isin(placed[run_ends], counts.cumsum(0))
+        unattended = placeholder[:0]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            unattended = placeholder & (attention_mask[:, -placeholder.shape[1] :] == 0).to(placeholder.device)
+        found, expected, misplaced_any, unattended_any = torch.stack(
+            [placeholder.sum(), counts.sum(), misplaced.any(), unattended.any()]
+        ).tolist()
+        pooling = self.config.protein_pooling
+        if found != expected:
+            raise ValueError(
+                f"`input_ids` hold {found} `<protein>` tokens but {source} give {expected} protein tokens at "
                 f"protein_pooling={pooling} (ceil(n / {pooling}) for a protein of n feature positions): build inputs "
                 "with a SepitProcessor of the same protein_pooling, which expands each `<protein>` to its protein's "
                 "tokens."
+            )
+        if misplaced_any:
+            row, position = (int(i) for i in run_ends.nonzero()[misplaced.nonzero()[0]].flatten())
+            shown = counts[:8].tolist()
+            raise ValueError(
+                f"`input_ids` row {row}: the `<protein>` run ending at position {position} does not end where a "
+                f"protein's tokens end ({source} give {shown}{' ...' if len(counts) > 8 else ''} tokens, placed in "
+                "order, row by row): each protein's placeholders must be one run in the row of its question; build "
+                "inputs with SepitProcessor"
+            )
+        if unattended_any:
+            row, position = _first(unattended)
+            raise ValueError(
+                f"attention_mask is 0 at a `<protein>` placeholder (row {row}, position {position}): the protein's "
+                "features would be spliced where no token attends them; set attention_mask to 1 on every placeholder "
+                "(SepitProcessor does)"
             )
 
 
@@ -522,49 +697,199 @@ def pool_protein_states(states: torch.Tensor, attention_mask: torch.Tensor, pool
     return sums[present] / sizes[present].unsqueeze(-1).to(sums.dtype)
 
 
+def check_labels(labels: object, reference: torch.Tensor, vocab_size: int) -> None:
+    """`labels`: long token ids shaped as `input_ids`, each in [0, vocab_size) or -100 (no loss there); values in one
+    host sync (a training step's loss syncs anyway), not while torch.compile traces."""
+    if isinstance(labels, torch.Tensor) and labels.dtype is not torch.long:
+        raise ValueError(f"labels has dtype {labels.dtype}; it must hold token ids of dtype torch.long (the loss's)")
+    check_tensor("labels", labels, "ids", (2,), "(batch, sequence), as input_ids")
+    if labels.shape != reference.shape[:2]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}; it must be input_ids' shape {tuple(reference.shape[:2])} (the "
+            "model shifts them itself)"
+        )
+    if not is_tracing():
+        outside = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+        _raise_first(
+            [
+                (
+                    outside,
+                    lambda at: (
+                        f"labels holds {int(labels[at])} at row {at[0]}, position "
+                        f"{at[1]}: labels must be token ids in [0, {vocab_size}) or -100 where no loss is taken"
+                    ),
+                )
+            ]
+        )
+
+
+def check_stored_dtypes(model: nn.Module, folder: Path) -> None:
+    """A ValueError naming the weights that a local folder stores as integers, booleans or complex numbers where the
+    model has floating-point tensors: loading would cast them silently (an int32 projector weight loads as whole
+    numbers). Only the files' headers are read; quantized checkpoints (`quantization_config`) store integers."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        return
+    expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}."
+    wrong = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as weights:
+            for key in weights.keys():
+                stored = weights.get_slice(key).get_dtype()
+                if stored.startswith(("F", "BF")):
+                    continue
+                names = (key, prefix + key, key.removeprefix(prefix))
+                if any(name in expected and expected[name].is_floating_point for name in names):
+                    wrong.append(f"{key} ({stored})")
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise ValueError(
+            f"{folder}: weights stored as non-floating-point numbers ({shown}) where the model has floating-point "
+            "ones; they would be cast silently: save them as floats (model.save_pretrained)"
+        )
+
+
+def check_tensor(name: str, value: object, kind: str, ranks: tuple[int, ...], layout: str) -> None:
+    """Type, dtype and rank of one tensor input: metadata only (no host sync, so also cheap in decoding steps)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"{name}: got {type(value).__name__}, not a torch tensor; pass torch tensors (SepitProcessor with "
+            "return_tensors='pt', or torch.as_tensor)"
+        )
+    dtype = value.dtype
+    valid = {
+        "ids": dtype in TOKEN_ID_DTYPES,
+        "mask": not dtype.is_complex,
+        "real": dtype is not torch.bool and not dtype.is_complex,
+        "float": dtype.is_floating_point,
+    }[kind]
+    if not valid:
+        raise ValueError(f"{name} has dtype {dtype}; it must hold {TENSOR_KINDS[kind]}")
+    if value.ndim not in ranks:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}; it must be {layout}")
+
+
+def _first(problem: torch.Tensor) -> tuple[int, ...]:
+    """Index of the first True of a problem mask (only on the error path: a host sync)."""
+    return tuple(int(i) for i in problem.nonzero()[0])
+
+
+def _raise_first(problems: list[tuple[torch.Tensor, Callable[[tuple[int, ...]], str]]]) -> None:
+    """Several value checks in one host sync: raise the first failing check's message, given where it first fails."""
+    if not problems:
+        return
+    device = problems[0][0].device
+    verdicts = torch.stack([problem.any().to(device) for problem, _ in problems]).tolist()
+    for verdict, (problem, message) in zip(verdicts, problems, strict=True):
+        if verdict:
+            raise ValueError(message(_first(problem)))
+
+
 def validate_protein_inputs(
     protein_input_ids: torch.Tensor,
     protein_attention_mask: torch.Tensor | None,
     protein_coords: torch.Tensor | None,
     protein_coords_mask: torch.Tensor | None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Check the protein tensors against each other; return the attention mask (all ones when not given) and the
-    coordinate mask (None without coordinates)."""
-    if protein_input_ids.ndim != 2:
-        raise ValueError(f"protein_input_ids must be (num_proteins, P), got shape {tuple(protein_input_ids.shape)}")
+    """Check the protein tensors' types, shapes and values (ids within `vocab_size`, masks of 0/1, an attended
+    position per protein; values in one host sync, not while torch.compile traces); return the attention mask as
+    long (all ones when not given) and the coordinate mask (None without coordinates)."""
+    check_tensor("protein_input_ids", protein_input_ids, "ids", (2,), "(num_proteins, P)")
     shape = tuple(protein_input_ids.shape)
+    if 0 in shape:
+        raise ValueError(
+            f"protein_input_ids has shape {shape}: no proteins or no positions; give (num_proteins, P) ESM tokens "
+            "(<cls>, residues, <eos>), or leave the protein inputs out (None) for a prompt without proteins"
+        )
     if protein_attention_mask is None:
         protein_attention_mask = torch.ones_like(protein_input_ids)
-    protein_attention_mask = protein_attention_mask.to(torch.long)
+    check_tensor("protein_attention_mask", protein_attention_mask, "mask", (2,), "(num_proteins, P)")
     if tuple(protein_attention_mask.shape) != shape:
         raise ValueError(
             f"protein_attention_mask has shape {tuple(protein_attention_mask.shape)}; it must match "
             f"protein_input_ids {shape}"
         )
-    if protein_coords is None:
-        if protein_coords_mask is not None and not is_tracing() and bool(protein_coords_mask.any()):
-            raise ValueError("protein_coords_mask marks residues with coordinates but protein_coords is missing")
-        return protein_attention_mask, None
-    if tuple(protein_coords.shape) != (*shape, 3):
-        raise ValueError(
-            f"protein_coords must have shape (num_proteins, P, 3) = {(*shape, 3)} aligned with protein_input_ids, "
-            f"got {tuple(protein_coords.shape)}"
-        )
-    if protein_coords_mask is None:
-        protein_coords_mask = torch.isfinite(protein_coords).all(-1)
-    elif tuple(protein_coords_mask.shape) != shape:
-        raise ValueError(
-            f"protein_coords_mask must have shape (num_proteins, P) = {shape}, got {tuple(protein_coords_mask.shape)}"
-        )
-    coords_mask = protein_coords_mask.bool() & protein_attention_mask.bool()
-    bad = coords_mask & ~torch.isfinite(protein_coords).all(-1)
-    if not is_tracing() and bool(bad.any()):
-        protein, position = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"protein_coords has NaN/inf at protein {protein}, position {position} where protein_coords_mask says the "
-            "residue has coordinates: set the mask to False there"
-        )
-    return protein_attention_mask, coords_mask
+    if protein_coords is not None:
+        check_tensor("protein_coords", protein_coords, "real", (3,), "(num_proteins, P, 3)")
+        if tuple(protein_coords.shape) != (*shape, 3):
+            raise ValueError(
+                f"protein_coords must have shape (num_proteins, P, 3) = {(*shape, 3)} aligned with protein_input_ids, "
+                f"got {tuple(protein_coords.shape)}"
+            )
+    if protein_coords_mask is not None:
+        check_tensor("protein_coords_mask", protein_coords_mask, "mask", (2,), "(num_proteins, P)")
+        if tuple(protein_coords_mask.shape) != shape:
+            raise ValueError(
+                f"protein_coords_mask must have shape (num_proteins, P) = {shape}, got "
+                f"{tuple(protein_coords_mask.shape)}"
+            )
+    attended = protein_attention_mask != 0
+    coords_mask = None
+    if protein_coords is not None:
+        finite = torch.isfinite(protein_coords).all(-1)
+        coords_mask = (finite if protein_coords_mask is None else protein_coords_mask != 0) & attended
+    if not is_tracing():
+        ids, mask = protein_input_ids, protein_attention_mask
+        problems = []
+        if vocab_size is not None:
+            problems.append(
+                (
+                    (ids < 0) | (ids >= vocab_size),
+                    lambda at: (
+                        f"protein_input_ids holds {int(ids[at])} at protein {at[0]}, "
+                        f"position {at[1]}: ESM token ids must be in [0, {vocab_size}); tokenize with the "
+                        "model's ESM tokenizer (SepitProcessor does)"
+                    ),
+                )
+            )
+        problems += [
+            (
+                (mask != 0) & (mask != 1),
+                lambda at: (
+                    f"protein_attention_mask holds {mask[at].item()} at protein {at[0]}, "
+                    f"position {at[1]}: it must hold only 0 (padding) and 1 (a feature position)"
+                ),
+            ),
+            (
+                ~attended.any(-1),
+                lambda at: (
+                    f"protein_attention_mask is 0 everywhere for protein {at[0]}: each protein "
+                    "needs its attended <cls>, residues and <eos>; leave an empty protein out (and its `<protein>` tag)"
+                ),
+            ),
+        ]
+        if protein_coords_mask is not None:
+            present = protein_coords_mask
+            problems.append(
+                (
+                    (present != 0) & (present != 1),
+                    lambda at: (
+                        f"protein_coords_mask holds {present[at].item()} at protein "
+                        f"{at[0]}, position {at[1]}: it must be True/False (or 0/1)"
+                    ),
+                )
+            )
+            if protein_coords is None:
+                problems.append(
+                    (
+                        present != 0,
+                        lambda at: "protein_coords_mask marks residues with coordinates but protein_coords is missing",
+                    )
+                )
+            else:
+                problems.append(
+                    (
+                        coords_mask & ~finite,
+                        lambda at: (
+                            f"protein_coords has NaN/inf at protein {at[0]}, position "
+                            f"{at[1]} where protein_coords_mask says the residue has coordinates: set the mask "
+                            "to False there"
+                        ),
+                    )
+                )
+        _raise_first(problems)
+    return protein_attention_mask.to(torch.long), coords_mask
 
 
 class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
@@ -628,6 +953,8 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> SepitCausalLMOutputWithPast:
         text_config = self.config.text_config
+        if labels is not None:
+            check_labels(labels, input_ids if input_ids is not None else inputs_embeds, text_config.vocab_size)
         moe = text_config.num_experts is not None
         if output_router_logits is None:
             output_router_logits = moe and text_config.output_router_logits
@@ -700,6 +1027,17 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, never emitting `<protein>` unless `suppress_tokens` says otherwise: a generated
         placeholder has no protein to splice. An `assistant_model` must itself be a SEPIT model: a plain LLM cannot
         read the placeholders (LLaVA-style models refuse it the same way)."""
+        for name, value in (("inputs", inputs), *((name, kwargs.get(name)) for name in GENERATE_TENSOR_INPUTS)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{name}: got {type(value).__name__}, not a torch tensor; pass the processor's output with "
+                    "return_tensors='pt' (or torch.as_tensor)"
+                )
+        config = generation_config or self.generation_config
+        for name in COUNT_ARGUMENTS:
+            for value in (kwargs.get(name), getattr(config, name, None)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError(f"{name} must be an integer number of tokens, got {value!r}")
         assistant = kwargs.get("assistant_model")
         if assistant is not None and getattr(assistant.config, "model_type", None) != self.config.model_type:
             if any(kwargs.get(name) is not None for name in PROTEIN_INPUT_NAMES):
@@ -825,6 +1163,8 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             (model.model.structure_module, protein_model.dtype),
             (model.model.multi_modal_projector, causal_lm.dtype),
         ):
+            if fresh is None:  # sequence-only: no structure module
+                continue
             fresh.to_empty(device=protein_model.device)
             fresh.apply(model._init_weights)
             fresh.to(dtype)

@@ -682,6 +682,8 @@ def load_pretrained_encoder(
     # Stage 0 trains every ESM layer; SEPIT keeps those up to the projected one (`keep_feature_layers`).
     unused = [re.compile(pattern.removeprefix(r"protein_model\.")) for pattern in unused_protein_weights(target.config)]
     for name in ("protein_model", "structure_module"):
+        if getattr(target, name) is None:  # a sequence-only model takes the warmed-up ESM-2 alone
+            continue
         expected = {key: tuple(value.shape) for key, value in getattr(target, name).state_dict().items()}
         found = {
             key: tuple(value.shape)

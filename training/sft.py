@@ -88,6 +88,13 @@ class SepitSFTArguments:
             "trained on that granularity, so any other value is an error."
         },
     )
+    sequence_only: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The paper's sequence-only ablation (plain ESM-2, no structure module) for a new model; a "
+            "continued model keeps its own (any other value is an error)."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     overwrite: bool = field(
         default=False, metadata={"help": "Write into output_dir even if it holds files this script did not write."}
@@ -125,7 +132,13 @@ def load_model_and_processor(
 ) -> tuple[SepitForConditionalGeneration, SepitProcessor]:
     """The previous stage's folder, or a new model from its parts (+ a stage-0 encoder), upcycled when asked."""
     if args.model_name_or_path:
-        saved = SepitConfig.from_pretrained(args.model_name_or_path).protein_pooling
+        saved_config = SepitConfig.from_pretrained(args.model_name_or_path)
+        if args.sequence_only not in (None, saved_config.sequence_only):
+            raise ValueError(
+                f"sequence_only={args.sequence_only} but {args.model_name_or_path} has sequence_only="
+                f"{saved_config.sequence_only}: a continued model keeps its encoder; leave sequence_only unset"
+            )
+        saved = saved_config.protein_pooling
         if args.protein_pooling not in (None, saved):
             raise ValueError(
                 f"protein_pooling={args.protein_pooling} but {args.model_name_or_path} was trained with "
@@ -142,6 +155,7 @@ def load_model_and_processor(
             args.language_model_name_or_path,
             protein_token_id=processor.protein_token_id,
             protein_pooling=1 if args.protein_pooling is None else args.protein_pooling,
+            sequence_only=bool(args.sequence_only),
             dtype=args.dtype,
         )
     processor.max_protein_length = args.max_protein_length

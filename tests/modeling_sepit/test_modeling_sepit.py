@@ -737,3 +737,19 @@ def test_moe_parallel_plan_router_init_and_router_logits_from_config(prompt, bui
     with torch.no_grad():
         routed = model.model(**prompt)
     assert len(routed.router_logits) == model.config.text_config.num_hidden_layers
+
+
+def test_sequence_only_ablation_has_no_structure_module(prompt, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(tiny_config(sequence_only=True)).eval()
+    assert model.model.structure_module is None
+    assert not any("structure_module" in name for name, _ in model.named_parameters())
+    sequences_only = {k: v for k, v in prompt.items() if "coords" not in k}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**prompt).logits, model(**sequences_only).logits)
+    assert "ignores protein coordinates" in caplog.text
+    model.save_pretrained(tmp_path)
+    reloaded = SepitForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.config.sequence_only and reloaded.model.structure_module is None
+    with pytest.raises(ValueError, match="sequence_only=True needs original_compat=False"):
+        tiny_config(sequence_only=True, original_compat=True)
