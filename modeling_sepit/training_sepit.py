@@ -237,6 +237,41 @@ class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         return self.optimizer
 
 
+@torch.no_grad()
+def expert_load(model: nn.Module, collator: SepitDataCollator, rows: Dataset, batch_size: int) -> list[list[float]]:
+    """Per MoE layer, the fraction of the (unpadded) tokens' top-k assignments each expert receives over `rows`
+    (batched by `collator`): a router that learned nothing, or collapsed, shows here (1 / num_experts each is
+    perfectly balanced)."""
+    batches = (
+        collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        for start in range(0, len(rows), batch_size)
+    )
+    routers = [module for module in model.modules() if isinstance(module, SepitTopKRouter)]
+    counts = [torch.zeros(router.weight.shape[0]) for router in routers]
+    mask: list[torch.Tensor] = []
+
+    def count(layer: int):
+        def hook(_module, _args, output) -> None:
+            chosen = output[2][mask[0].reshape(-1).bool()].flatten().cpu()
+            counts[layer] += torch.bincount(chosen, minlength=len(counts[layer])).float()
+
+        return hook
+
+    hooks = [router.register_forward_hook(count(layer)) for layer, router in enumerate(routers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = {key: value.to(model.device) for key, value in batch.items() if key != "labels"}
+            mask[:] = [batch["attention_mask"]]
+            model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [(layer / layer.sum().clamp(min=1)).tolist() for layer in counts]
+
+
 def configure_sft(training_args: SFTConfig, model: nn.Module) -> None:
     """The `SFTConfig` settings every SEPIT run needs: the collator reads the protein columns and builds the batches
     itself, and a dense model has no router logits for TRL's load-balancing loss."""
@@ -433,6 +468,7 @@ __all__ = [
     "SepitSFTTrainer",
     "StructureDropoutEpochs",
     "LossCurve",
+    "expert_load",
     "freeze_modules",
     "mega_batch_steps",
     "loss_curves",

@@ -35,6 +35,7 @@ from modeling_sepit.training_sepit import (
     StructureDropoutEpochs,
     configure_sft,
     end_training,
+    expert_load,
     freeze_modules,
     llm_lengths,
     load_training_splits,
@@ -42,6 +43,9 @@ from modeling_sepit.training_sepit import (
     parameter_counts,
     save_loss_plot,
 )
+
+# Rows of the evaluation split (else the training split) on which the end of stage 2 reports each expert's load.
+EXPERT_LOAD_ROWS = 256
 
 
 @dataclass
@@ -234,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{'stage 2 (MoE)' if script_args.num_experts else 'stage 1'}: {output_dir.name}"
         save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title, mega_batch_steps(trainer))
         trainer.accelerator.print(f"parameters: {counts}; model saved to {output_dir}")
+        if model.config.text_config.num_experts is not None:
+            rows = eval_dataset if eval_dataset is not None else train_dataset
+            rows = rows.select(range(min(EXPERT_LOAD_ROWS, len(rows))))
+            load = expert_load(model, collator, rows, training_args.per_device_eval_batch_size)
+            (output_dir / "expert_load.json").write_text(json.dumps(load, indent=2))
+            split = script_args.dataset_test_split if eval_dataset is not None else script_args.dataset_train_split
+            trainer.accelerator.print(f"expert load on {len(rows)} {split} rows (fraction of tokens per expert):")
+            for layer, fractions in enumerate(load):
+                trainer.accelerator.print(f"  layer {layer}: " + " ".join(f"{f:.3f}" for f in fractions))
     end_training(trainer)
     return 0
 

@@ -13,6 +13,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.training_sepit import (
     SepitSFTTrainer,
+    expert_load,
     freeze_modules,
     llm_lengths,
     loss_curves,
@@ -228,3 +229,18 @@ def test_trainer_loss_reductions_and_the_per_layer_balancing_loss(moe_trainer_pa
         torch.tensor(loss), torch.tensor(expected + 0.01 * float(routed.aux_loss)), rtol=1e-4, atol=1e-5
     )
     assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(float(routed.aux_loss), rel=1e-4)
+
+
+def test_expert_load_counts_each_layers_assignments(moe_trainer_parts):
+    model, processor, rows, _ = moe_trainer_parts
+    load = expert_load(model, processor.get_data_collator(structure_dropout=0.0), rows, batch_size=3)
+    assert len(load) == model.config.text_config.num_hidden_layers and all(len(layer) == 2 for layer in load)
+    assert all(sum(layer) == pytest.approx(1.0) for layer in load)
+    router = model.model.language_model.layers[0].mlp.gate
+    # Layer 0's router collapsed onto expert 1 (its choices replaced before anything else reads them).
+    hook = router.register_forward_hook(lambda _m, _a, out: (out[0], out[1], torch.ones_like(out[2])))
+    try:
+        collapsed = expert_load(model, processor.get_data_collator(structure_dropout=0.0), rows, batch_size=3)
+    finally:
+        hook.remove()
+    assert collapsed[0] == [0.0, 1.0] and collapsed[1] == pytest.approx(load[1])
