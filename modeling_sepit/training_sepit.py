@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import os
 import shutil
 from collections.abc import Iterable
@@ -49,6 +50,13 @@ def freeze_modules(model: nn.Module, modules: Iterable[str]) -> None:
             parameter.requires_grad_(False)
 
 
+def check_lr_scale(name: str, scale: float) -> None:
+    """A learning-rate scale is a finite number >= 0 (0: the part does not learn): a negative one would train the
+    part uphill, silently."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (a fraction of the learning rate), got {scale!r}")
+
+
 def parameter_groups(
     model: nn.Module,
     learning_rate: float,
@@ -59,6 +67,8 @@ def parameter_groups(
 ) -> list[dict]:
     """Optimizer groups: projector at `learning_rate`, encoder and LLM at a fraction of it (what the original
     configured but never applied); weight decay only on `decay_parameter_names` (the Trainer's choice)."""
+    check_lr_scale("encoder_lr_scale", encoder_lr_scale)
+    check_lr_scale("language_model_lr_scale", language_model_lr_scale)
     decay_parameter_names = set(decay_parameter_names)
     scales = {"protein_model": encoder_lr_scale, "structure_module": encoder_lr_scale}
     scales["language_model"] = language_model_lr_scale
@@ -473,6 +483,7 @@ __all__ = [
     "mega_batch_steps",
     "loss_curves",
     "parameter_counts",
+    "check_lr_scale",
     "parameter_groups",
     "save_loss_plot",
 ]

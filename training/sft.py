@@ -33,6 +33,7 @@ from modeling_sepit.training_sepit import (
     MODULES,
     SepitSFTTrainer,
     StructureDropoutEpochs,
+    check_lr_scale,
     configure_sft,
     end_training,
     expert_load,
@@ -124,6 +125,19 @@ class SepitSFTArguments:
             )
         if not 0.0 <= self.structure_dropout <= 1.0:
             raise ValueError(f"structure_dropout must be in [0, 1], got {self.structure_dropout}")
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ValueError(
+                f"num_experts must be >= 1 (experts per LLM feed-forward), or left out for a dense model; got "
+                f"{self.num_experts}"
+            )
+        if self.num_experts is None and self.num_experts_per_tok != 1:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} needs num_experts (upcycling)")
+        if self.num_experts is not None and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}"
+            )
+        for name in ("encoder_lr_scale", "language_model_lr_scale"):
+            check_lr_scale(name, getattr(self, name))
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
         unknown = set(self.freeze) - set(MODULES)
