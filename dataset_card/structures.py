@@ -105,7 +105,7 @@ def file_references(path: Path, report: ReadReport | None = None) -> list[tuple[
     except Exception as error:  # noqa: BLE001 - corrupt gzip, broken CIF, ...: this file only is left out
         if report is not None:
             report.skip(str(path), "structure header", f"not indexed: {type(error).__name__}: {error}")
-        references = []
+        return []  # not even by an AlphaFold name: its coordinates could not be read either
     name_match = _ALPHAFOLD_NAME.search(path.name)
     if name_match and not references:
         references = [(name_match.group(1).upper(), None)]

@@ -417,13 +417,37 @@ def drop_unread_lines(text: str) -> str:
     return _FT_CC_BLOCK.sub(_FeatureAndCommentFilter(), _UNREAD_LINES.sub("", text))
 
 
+class _LineTracker(io.StringIO):
+    """A record's text that remembers the last line Biopython took: the line its parser failed on, for the report."""
+
+    last = ""
+
+    def __next__(self) -> str:
+        self.last = super().__next__()
+        return self.last
+
+
+def _line_name(line: str) -> str:
+    """'FT line "FT   DOMAIN ..."', 'sequence line', ...: where in a record a parser failed."""
+    key, shown = line[:2], repr(line.rstrip()[:50])
+    if key == "  ":
+        return "sequence line"
+    return f"{key} line {shown}" if re.fullmatch(r"[A-Z*/]{2}", key) else f"line {shown}"
+
+
 def _parse_flat_record(text: str, terminated: bool) -> UniProtEntry | str:
-    """The entry of one record, or why it is unreadable (a string, so results pickle back from workers as is)."""
+    """The entry of one record, or why it is unreadable, naming the line (a string, so results pickle back from
+    workers as is)."""
     if not terminated:
         return _TRUNCATED
+    handle = _LineTracker(drop_unread_lines(text))
     try:
-        return checked_entry(entry_from_swissprot(SwissProt.read(io.StringIO(drop_unread_lines(text)))))
+        record = SwissProt.read(handle)
     except Exception as error:  # noqa: BLE001 - any parser failure skips only this record
+        return f"{_line_name(handle.last)}: {type(error).__name__}: {error}"
+    try:
+        return checked_entry(entry_from_swissprot(record))
+    except Exception as error:  # noqa: BLE001 - a field SEPIT cannot use skips only this record
         return f"{type(error).__name__}: {error}"
 
 
@@ -505,7 +529,7 @@ def entry_from_seqrecord(record: Any) -> UniProtEntry:
         name=record.name,
         protein_name=clean_text(names[0]) if names else "",
         organism=str(notes.get("organism", "")),
-        sequence=str(record.seq),
+        sequence=str(record.seq) if record.seq is not None else "",  # no <sequence> element: no sequence
         function=_unique(_xml_list(notes, "comment_function")),
         catalytic_activity=_unique(_xml_list(notes, "comment_catalyticactivity")),
         ec_numbers=_unique(_xml_list(notes, "recommendedName_ecNumber")),
@@ -555,7 +579,9 @@ class UniProtXmlIterator(UniprotIterator):
             if tag not in _XML_READ_ELEMENTS:
                 entry.remove(element)
         accessions = [element.text for element in entry.iterfind(f"{NS}accession")]
-        accession = accessions[0] if accessions and accessions[0] else "entry without accession"
+        if not accessions or not all(accessions):
+            raise _XmlEntryError("entry without accession", "accession: missing or empty")
+        accession = accessions[0]
         try:
             record = super()._create_record(entry)
         except Exception as error:  # noqa: BLE001 - named by the element that fails alone, below
@@ -573,7 +599,7 @@ class UniProtXmlIterator(UniprotIterator):
                 super()._create_record(alone)
             except Exception:  # noqa: BLE001 - this is the element that fails
                 return _xml_name(element)
-        return "accession"
+        return "entry"
 
 
 def _read_xml(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
@@ -592,7 +618,8 @@ def _read_xml(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
                 index += 1
                 continue
             except Exception as error:  # noqa: BLE001 - broken XML ends this file, reported
-                report.skip(str(path), f"entry #{index} and rest of file", f"{type(error).__name__}: {error}")
+                cause = error if str(error) else error.__context__ or error  # Biopython's bare assert on a ParseError
+                report.skip(str(path), f"entry #{index} and rest of file", f"{type(cause).__name__}: {cause}")
                 return
             try:
                 entry = checked_entry(entry_from_seqrecord(record))
@@ -610,12 +637,21 @@ def _read_xml(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string"}
 
 
+def _describe(value: Any) -> str:
+    """A JSON value for a message: its type and the start of its text ('int 5', 'an object with keys [...]')."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(map(str, value))[:6]}"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
 def _typed(value: Any, kind: type, where: str) -> Any:
     """`value` when it is of JSON type `kind` (absent or null: an empty one); else a ValueError naming `where`."""
     if value is None:
         return kind()
     if not isinstance(value, kind):
-        raise ValueError(f"{where}: expected {_JSON_TYPES[kind]}, got {type(value).__name__} {value!r:.40}")
+        raise ValueError(f"{where}: expected {_JSON_TYPES[kind]}, got {_describe(value)}")
     return value
 
 
@@ -637,7 +673,7 @@ def entry_from_json(result: Any) -> UniProtEntry:
     result = _typed(result, dict, "entry")
     accession = result.get("primaryAccession")
     if not isinstance(accession, str):
-        raise ValueError(f"primaryAccession: expected a string, got {type(accession).__name__} {accession!r:.40}")
+        raise ValueError(f"primaryAccession: expected a string, got {_describe(accession)}")
     comments: dict[str, list[tuple[dict[str, Any], str]]] = {}
     for comment, where in _objects(result, "comments", ""):
         comments.setdefault(_member(comment, "commentType", str, where), []).append((comment, where))
@@ -715,15 +751,15 @@ def _json_entries(document: Any) -> list[Any]:
     `/uniprotkb/<accession>.json` returns) or an array of entries; else a ValueError saying what is there."""
     if isinstance(document, dict) and "results" in document:
         if not isinstance(document["results"], list):
-            found = document["results"]
-            raise ValueError(f"results: expected an array of entries, got {type(found).__name__} {found!r:.40}")
+            raise ValueError(f"results: expected an array of entries, got {_describe(document['results'])}")
         return document["results"]
     if isinstance(document, dict) and "primaryAccession" in document:
         return [document]
     if isinstance(document, list):
         return document
-    found = f"an object with keys {sorted(document)[:6]}" if isinstance(document, dict) else repr(document)[:40]
-    raise ValueError(f'not UniProt JSON: expected {{"results": [...]}}, an entry or an array of entries, got {found}')
+    raise ValueError(
+        f'not UniProt JSON: expected {{"results": [...]}}, an entry or an array of entries, got {_describe(document)}'
+    )
 
 
 def _read_json(path: Path, report: ReadReport) -> Iterator[UniProtEntry]:

@@ -1,18 +1,21 @@
-"""Faults (issue 8): a process SIGKILLed while it writes the dataset or a model folder leaves the previous complete
-version readable, and the next write succeeds and removes what the killed one left behind.
+"""Faults (issues 8 and 13): a process SIGKILLed while it writes the dataset, a model folder, the converter's output or
+the evaluation reports leaves the previous complete version readable, and the next write succeeds and removes what the
+killed one left behind.
 
-Both writers go through `modeling_sepit.atomic_folder`: a staging folder `.<name>.<random>` beside the target, renamed
+Every writer goes through `modeling_sepit.atomic_folder`: a staging folder `.<name>.<random>` beside the target, renamed
 into place when complete. A SIGKILL skips every clean-up, so the staging folder stays; each writer holds a `flock` on
 its own (the kernel drops it when the process dies), and the next write of the same target removes those nobody holds.
 The kill is made to land mid-write deterministically: the child's writer (`ParquetWriter.write`, safetensors'
-`save_file`) is wrapped to stop, half done, until it is killed.
+`save_file`, the evaluation's `write_report`) is wrapped to stop, half done, until it is killed.
 
 Checkpoints written during training are covered where training is: tests/training/test_sft.py and
 test_stage0_encoder_warmup.py (`test_killed_run_resumes_to_the_same_weights`: SIGKILL after a checkpoint, resume to
 the same weights; `test_a_checkpoint_interrupted_while_written_never_becomes_the_last_one`).
 """
 
+import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -28,13 +31,16 @@ from transformers import AutoProcessor
 
 from dataset_card import build_dataset as build_dataset_module
 from dataset_card.build_dataset import BuildArguments, build_dataset
+from dataset_card.external_benchmarks import main as external_benchmarks_main
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.atomic_folder import _remove_leftovers, atomic_folder
+from modeling_sepit.atomic_folder import MARKER, _remove_leftovers, atomic_folder
 from modeling_sepit.convert_original_sepit import convert
+from modeling_sepit.convert_original_sepit import main as converter_main
 from modeling_sepit.hub_sepit import save_hub_folder
 from tests.conftest import ORIGINAL, ROOT
 
 UNIPROT = ROOT / "tests" / "fixtures" / "uniprot"
+OLD = ROOT / "tests" / "fixtures" / "uniprot_old"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -171,6 +177,105 @@ def test_model_save_killed_while_writing_keeps_the_previous_model(converted, tmp
     changed = [name for name, _ in model.named_parameters() if name in previous]
     assert changed and all(torch.equal(saved[name], previous[name] + 1.0) for name in changed)
     assert leftovers(hub) == []
+
+
+# --- the converter's output ------------------------------------------------------------------------------------------
+
+SLOW_CONVERT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import safetensors.torch
+    marker = Path(sys.argv.pop(1))
+    save_file = safetensors.torch.save_file
+    def torn_save_file(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])  # half of the weights are on disk ...
+        marker.touch()
+        time.sleep(600)  # ... when the kill comes
+    safetensors.torch.save_file = torn_save_file  # before transformers imports it
+    from modeling_sepit.convert_original_sepit import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_conversion_killed_while_writing_keeps_the_previous_conversion(tmp_path):
+    target = tmp_path / "converted"
+    original = ORIGINAL / "original-tiny-moe-top1"
+    argv = ["--input_dir", str(original), "--output_dir", str(target), "--protein_padding_length"]
+    convert(original, target, protein_padding_length=48)
+    previous = files(target)
+
+    marker = tmp_path / "writing"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, str(marker), *argv, "64"],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    staging = kill_when(process, marker, target)
+    assert 0 < (staging / "model.safetensors").stat().st_size < len(previous["model.safetensors"])  # killed mid-write
+
+    assert files(target) == previous  # the previous complete conversion, byte for byte
+    assert SepitForConditionalGeneration.from_pretrained(target).config.num_experts == 4
+    assert converter_main([*argv, "64"]) == 0  # the rerun replaces its own earlier output
+    assert json.loads((target / "processor_config.json").read_text())["protein_padding_length"] == 64
+    assert json.loads((target / MARKER).read_text()) == {"writer": "convert_original_sepit"}
+    assert leftovers(target) == []
+
+
+# --- the evaluation reports ------------------------------------------------------------------------------------------
+
+SLOW_EVALUATE = textwrap.dedent(
+    """
+    import runpy, sys, time
+    from pathlib import Path
+    from modeling_sepit import metrics_sepit
+    marker = Path(sys.argv.pop(1))
+    write_report = metrics_sepit.write_report
+    def stalled_write_report(*args, **kwargs):
+        paths = write_report(*args, **kwargs)  # the first benchmark's report is in the staging folder ...
+        marker.touch()
+        time.sleep(600)  # ... when the kill comes
+    metrics_sepit.write_report = stalled_write_report  # before evaluate.py imports it
+    runpy.run_path("training/evaluate.py", run_name="__main__")
+    """
+)
+
+
+def test_evaluation_killed_while_writing_keeps_the_previous_reports(converted, tmp_path, capsys):
+    uniprot = [str(UNIPROT / "P05067.dat"), str(UNIPROT / "P00698.json.gz"), str(OLD / "biopython__swiss4.txt")]
+    dataset = tmp_path / "dataset"
+    build_dataset(
+        BuildArguments(output_dir=str(dataset), uniprot=uniprot, structures="none", split_fractions=[0.5, 0, 0.5])
+    )
+    target = tmp_path / "evaluation"
+    argv = ["--model_name_or_path", str(converted), "--dataset_name", str(dataset), "--output_dir", str(target)]
+    argv += ["--max_samples", "2", "--max_new_tokens", "2", "--bertscore_model", "none", "--external_benchmarks"]
+    external = tmp_path / "instructprotein"
+    assert external_benchmarks_main(["--output_dir", str(external), "--max_per_benchmark", "2"]) == 0
+    evaluate = runpy.run_path(str(ROOT / "training" / "evaluate.py"))["main"]
+    assert evaluate([*argv, str(external)]) == 0
+    previous = files(target)
+    assert {"heldout/metrics.json", "instructprotein/predictions.jsonl", MARKER} <= previous.keys()
+
+    marker = tmp_path / "writing"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EVALUATE, str(marker), *argv, str(external), "--max_samples", "1"],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    staging = kill_when(process, marker, target)
+    assert (staging / "heldout" / "metrics.json").is_file()  # killed with one report written, one to go
+
+    assert files(target) == previous  # both previous reports, byte for byte: never one new and one old
+    assert evaluate([*argv, str(external), "--max_samples", "1"]) == 0  # the rerun
+    assert json.loads((target / "heldout" / "metrics.json").read_text())["sepit"]["overall"]["n"] == 1
+    assert leftovers(target) == []
+    capsys.readouterr()
 
 
 # --- the clean-up rule -----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The UniProtKB readers on the real demo corpus shipped in dataset_card/data/uniprot (see its SOURCES.md files)."""
+"""The UniProtKB readers on the real demo corpus shipped in dataset_card/data/uniprot (see its SOURCES.md files) and on
+real entries from 1986-2010 releases (tests/fixtures/uniprot_old, flat files and XML)."""
 
 import gzip
 import io
@@ -156,7 +157,9 @@ def test_dropping_unread_lines_keeps_every_entry(path: Path) -> None:
     assert [_parsed(drop_unread_lines(text)) for text, _ in records] == expected
     report = ReadReport()
     assert list(iter_entries(path, report)) == [e for e in expected if isinstance(e, UniProtEntry)]
-    assert [p.reason for p in report.problems] == [e for e in expected if isinstance(e, str)]
+    reasons = [e for e in expected if isinstance(e, str)]  # the reader adds the line Biopython failed on
+    assert len(report.problems) == len(reasons)
+    assert all(p.reason.endswith(reason) for p, reason in zip(report.problems, reasons, strict=True))
 
 
 def test_dropped_feature_keeps_its_continuation_lines_past_other_lines() -> None:
@@ -221,3 +224,60 @@ def test_workers_stop_when_the_reader_is_closed_early() -> None:
     entries = iter_entries(DATA / "uniprot_flat_store", workers=2)
     assert isinstance(next(entries), UniProtEntry)
     entries.close()
+
+
+# --- entries from the 1990s to today --------------------------------------------------------------------------------
+
+OLD = Path(__file__).resolve().parents[1] / "fixtures" / "uniprot_old"
+OLD_FILES = sorted(path for path in OLD.iterdir() if path.name != "SOURCES.md")
+_DECLARED = re.compile(r"^AC   (\w+)|<entry[^>]*>\s*<accession>(\w+)<", re.MULTILINE)
+
+
+def declared_accessions(path: Path) -> list[str]:
+    """The first accession of each entry, as the file itself states it (first AC line or first <accession>)."""
+    text, found = path.read_text(), []
+    for record in re.split(r"^//$", text, flags=re.MULTILINE) if path.suffix != ".xml" else [text]:
+        found += [flat or xml for flat, xml in _DECLARED.findall(record)][: 1 if path.suffix != ".xml" else None]
+    return found
+
+
+def test_every_old_file_is_read() -> None:
+    assert len(OLD_FILES) == 25
+    assert sum(len(declared_accessions(path)) for path in OLD_FILES) == 24 + 7  # flat entries, XML entries
+
+
+@pytest.mark.parametrize("path", OLD_FILES, ids=lambda p: p.name)
+def test_old_entries_are_read_plain_and_gzipped(path: Path, tmp_path: Path) -> None:
+    report = ReadReport()
+    entries = list(iter_entries(path, report))
+    assert not report.problems and [e.accession for e in entries] == declared_accessions(path)
+    assert all(e.protein_name or e.accession == "IPI00383150" for e in entries)  # the IPI record has no DE line
+    packed = tmp_path / f"{path.name}.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    if detect_format(path) is not None:  # suffix-less files are recognised by content, gzipped ones by suffix
+        assert list(iter_entries(packed)) == entries
+
+
+@pytest.mark.parametrize("name", ["F2CXE6", "H2CNN8", "Q13639", "swiss4"])
+def test_xml_entries_get_the_go_terms_of_their_flat_file(name: str) -> None:
+    xml = {e.accession: e for e in iter_entries(OLD / f"biopython__{name}.xml")}
+    flat = {e.accession: e for e in iter_entries(OLD / f"biopython__{name}.txt")}
+    shared = xml.keys() & flat.keys()
+    kinds = ("go_molecular_function", "go_biological_process", "go_cellular_component")
+    assert shared and any(getattr(xml[a], kind) for a in shared for kind in kinds)
+    for accession in shared:
+        for kind in kinds:
+            assert sorted(getattr(xml[accession], kind)) == sorted(getattr(flat[accession], kind)), (accession, kind)
+
+
+def test_pre_2003_lines_are_read() -> None:
+    (entry,) = iter_entries(OLD / "biopython__sp005")  # GN   MTND3 OR ND3 OR NADH3.
+    assert (entry.accession, entry.protein_name) == ("P24973", "NADH-UBIQUINONE OXIDOREDUCTASE CHAIN 3")
+    assert entry.ec_numbers == ["1.6.5.3"]  # from the old DE form '(EC 1.6.5.3)'
+    (entry,) = iter_entries(OLD / "biopython__sp008")  # two AC lines, DT of release 1 (1986)
+    assert entry.accession == "P01892" and entry.function
+
+
+def test_a_failing_line_is_named() -> None:
+    text = (OLD / "biopython__sp016").read_text().replace("\nKW   ", "\nZZ   odd line\nKW   ", 1)
+    assert uniprot_reader._parse_flat_record(text, True).startswith("ZZ line 'ZZ   odd line': SwissProtParserError")
