@@ -116,7 +116,7 @@ OFFLINE_CASES = [
     ),
     pytest.param(
         "evaluate",
-        ["--model_name_or_path", "{tmp}", "--output_dir", "{out}", "--bertscore_model", PUBMEDBERT],
+        ["--model_name_or_path", "{model}", "--output_dir", "{out}", "--bertscore_model", PUBMEDBERT],
         "bertscore_model",
         PUBMEDBERT,
         id="evaluate-bertscore-model",  # fixed: failed after generating every answer
@@ -163,7 +163,8 @@ def clis() -> dict[str, Callable]:
 def test_offline_cli_names_the_missing_repo(clis, offline, tmp_path, capsys, monkeypatch, cli, argv, argument, repo):
     main = clis[cli]
     monkeypatch.setitem(main.__globals__, LONG_STEPS[cli], MustNotRun())
-    paths = {"tmp": str(tmp_path), "out": str(tmp_path / "out")}
+    paths = {"tmp": str(tmp_path), "out": str(tmp_path / "out"), "model": str(tmp_path / "model")}
+    (tmp_path / "model").mkdir()  # a local model folder, beside the output (never around it: an input)
     started = time.perf_counter()
     code = main([arg.format(**paths) for arg in argv])
     error = capsys.readouterr().err
