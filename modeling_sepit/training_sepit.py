@@ -11,7 +11,8 @@ import itertools
 import math
 import os
 import shutil
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from datasets import Dataset, load_dataset
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import BatchEncoding, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
 from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, load_balancing_loss
-from .processing_sepit import SepitDataCollator, SepitProcessor
+from .processing_sepit import GENERATION_TAG, SepitDataCollator, SepitProcessor, split_protein_items, to_protein_input
+from .pure_llm import BEGIN_PROTEIN, DEFAULT_MAX_LENGTH, END_PROTEIN, sequences_as_text
 
 # Top-level parts of `SepitModel`, as named in a recipe's `freeze` list and in learning-rate scales.
 MODULES = ("protein_model", "structure_module", "multi_modal_projector", "language_model")
@@ -329,6 +331,105 @@ def llm_lengths(rows: dict[str, list], processor: SepitProcessor) -> list[int]:
     return [text + protein for text, protein in zip(text_tokens, protein_tokens, strict=True)]
 
 
+class SequenceAsTextCollator:
+    """Training batches of the PureLLM baseline (`pure_llm`) from the rows SEPIT trains on: the same chat template,
+    each `<protein>` written as `<bop>SEQUENCE<eop>`, right-padded, labels on the assistant turns only.
+
+    A sequence is cut at `max_protein_length` residues, as SEPIT's processor cuts it, and further in a conversation
+    that would still exceed `max_length` tokens (the original's 2048), so that the answer fits whole. Only an answer
+    too long even without its protein is cut at `max_length` (its tail), as the original truncated conversations."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_protein_length: int = 1022,
+        max_length: int | None = DEFAULT_MAX_LENGTH,
+    ):
+        if isinstance(max_protein_length, bool) or not isinstance(max_protein_length, int) or max_protein_length < 1:
+            raise ValueError(f"max_protein_length must be an integer >= 1, got {max_protein_length!r}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 (text tokens per conversation) or None, got {max_length}")
+        markers = tokenizer.convert_tokens_to_ids([BEGIN_PROTEIN, END_PROTEIN])
+        if None in markers or tokenizer.unk_token_id in markers:
+            raise ValueError(f"tokenizer: no {BEGIN_PROTEIN}/{END_PROTEIN} tokens; prepare it with prepare_pure_llm")
+        if not GENERATION_TAG.search(tokenizer.chat_template or ""):
+            raise ValueError(
+                "tokenizer.chat_template: training batches need `{% generation %}` around assistant replies to place "
+                "labels; prepare the tokenizer with prepare_pure_llm (SEPIT's template has them)"
+            )
+        self.tokenizer = tokenizer
+        self.max_protein_length = max_protein_length
+        self.max_length = max_length
+
+    def _conversation(self, example: dict, where: str) -> tuple[list[dict], list[str]]:
+        """An example's messages and its proteins' sequences, cut: protein items in the messages, a `proteins` list,
+        or a dataset row's `sequence` column (SepitDataCollator's inputs)."""
+        messages, proteins = split_protein_items(example.get("messages"), f"{where}.messages")
+        if not proteins:
+            proteins = example.get("proteins") or ([example["sequence"]] if example.get("sequence") else [])
+        sequences = [
+            to_protein_input(protein, f"{where}.proteins[{k}]").sequence[: self.max_protein_length]
+            for k, protein in enumerate(proteins)
+        ]
+        return messages, sequences
+
+    def _encode(self, conversations: list[list[dict]], sequences: list[list[str]], **kwargs) -> BatchEncoding:
+        written = [
+            sequences_as_text(messages, cut, f"examples[{i}].messages")
+            for i, (messages, cut) in enumerate(zip(conversations, sequences, strict=True))
+        ]
+        return self.tokenizer.apply_chat_template(written, tokenize=True, return_dict=True, **kwargs)
+
+    def _fit(self, messages: list[dict], sequences: list[str], length: int) -> list[str]:
+        """`sequences` cut so that the conversation (`length` tokens with them) fits in `max_length`: the longest
+        loses a residue per excess token until it fits, or until none is left (then the answer's tail goes too)."""
+        sequences = list(sequences)
+        while length > self.max_length and any(sequences):
+            longest = max(range(len(sequences)), key=lambda k: len(sequences[k]))
+            sequences[longest] = sequences[longest][: max(0, len(sequences[longest]) - (length - self.max_length))]
+            length = len(self._encode([messages], [sequences])["input_ids"][0])
+        if length > self.max_length:
+            warnings.warn(
+                f"a conversation over max_length={self.max_length} tokens even without its protein sequence: its "
+                "answer is cut there, as the original truncated its conversations",
+                stacklevel=3,
+            )
+        return sequences
+
+    def lengths(self, rows: dict[str, list]) -> list[int]:
+        """Text tokens of each dataset row (a batch of `datasets.map`), for the Trainer's `group_by_length` sampler."""
+        examples = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+        parsed = [self._conversation(row, f"rows[{i}]") for i, row in enumerate(examples)]
+        encoded = self._encode([messages for messages, _ in parsed], [cut for _, cut in parsed])
+        counts = [len(ids) for ids in encoded["input_ids"]]
+        return [min(count, self.max_length or count) for count in counts]
+
+    def __call__(self, examples: Sequence[dict]) -> BatchEncoding:
+        conversations, sequences = [], []
+        for i, example in enumerate(examples):
+            messages, cut = self._conversation(example, f"examples[{i}]")
+            conversations.append(messages)
+            sequences.append(cut)
+        options = {"return_assistant_tokens_mask": True, "padding": True, "tokenizer_kwargs": {"padding_side": "right"}}
+        batch = self._encode(conversations, sequences, **options)
+        lengths = [sum(mask) for mask in batch["attention_mask"]]
+        if self.max_length is not None and max(lengths) > self.max_length:
+            for i, length in enumerate(lengths):
+                if length > self.max_length:
+                    sequences[i] = self._fit(conversations[i], sequences[i], length)
+            batch = self._encode(conversations, sequences, truncation=True, max_length=self.max_length, **options)
+        batch = batch.convert_to_tensors("pt")
+        assistant = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
+        empty = (~assistant.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"examples{empty}: no assistant reply to train on (every label would be -100); each training "
+                "conversation needs an assistant message with text"
+            )
+        batch["labels"] = batch["input_ids"].masked_fill(~assistant, -100)
+        return batch
+
+
 def end_training(trainer: Trainer) -> None:
     """`trainer.end()` after letting go of the DDP wrapper. DDP's reducer holds the process group: freed last, at
     interpreter exit with the GIL held, Gloo's destructor can wait forever on a worker thread that needs the GIL to free
@@ -476,6 +577,7 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "MODULES",
     "SepitSFTTrainer",
+    "SequenceAsTextCollator",
     "StructureDropoutEpochs",
     "LossCurve",
     "expert_load",

@@ -1,5 +1,5 @@
 """Training pieces: per-module learning rates, freezing from a recipe, activated-parameter counts, loss plots, the
-LLM lengths behind length-grouped batches."""
+LLM lengths behind length-grouped batches, the PureLLM baseline's collator."""
 
 from types import SimpleNamespace
 
@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 import torch
 from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit.processing_sepit import DEFAULT_SYSTEM_PROMPT
+from modeling_sepit.pure_llm import prepare_pure_llm
 from modeling_sepit.training_sepit import (
     SepitSFTTrainer,
+    SequenceAsTextCollator,
     expert_load,
     freeze_modules,
     llm_lengths,
@@ -244,3 +248,69 @@ def test_expert_load_counts_each_layers_assignments(moe_trainer_parts):
     finally:
         hook.remove()
     assert collapsed[0] == [0.0, 1.0] and collapsed[1] == pytest.approx(load[1])
+
+
+# --- SequenceAsTextCollator: the PureLLM baseline's batches --------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What does <protein> do ?"}, {"role": "assistant", "content": "It binds iron."}]
+
+
+@pytest.fixture(scope="module")
+def pure_tokenizer(tiny_parts):
+    """The tiny LLM's tokenizer prepared as a PureLLM's (`<bop>`/`<eop>`, SEPIT's chat template)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_parts / "language_model")
+    prepare_pure_llm(AutoModelForCausalLM.from_pretrained(tiny_parts / "language_model"), tokenizer, 1022)
+    return tokenizer
+
+
+def answer_of(tokenizer, batch, row: int = 0) -> str:
+    return tokenizer.decode(batch["input_ids"][row][batch["labels"][row] != -100])
+
+
+def test_sequence_as_text_collator_writes_sepits_prompt_with_the_sequence(pure_tokenizer, tiny_parts) -> None:
+    collator = SequenceAsTextCollator(pure_tokenizer, max_protein_length=8)
+    short = {"messages": [{**QUESTION[0]}, {"role": "assistant", "content": "No."}], "sequence": "MKT"}
+    batch = collator([{"messages": QUESTION, "sequence": "MKTAYIAKQRQISF"}, short])
+    expected = f"[INST] <<SYS>>\n{DEFAULT_SYSTEM_PROMPT}\n<</SYS>>\n\nWhat does <bop>MKTAYIAK<eop> do ? [/INST]"
+    assert pure_tokenizer.decode(batch["input_ids"][0]) == expected + " It binds iron. </s>"  # cut at 8 residues
+    assert answer_of(pure_tokenizer, batch) == " It binds iron. </s>"  # labels: the answer and its eos only
+    assert answer_of(pure_tokenizer, batch, 1) == " No. </s>"
+    padded = batch["attention_mask"][1] == 0  # right-padded, never labelled
+    assert padded.any() and not padded[: padded.nonzero()[0]].any() and (batch["labels"][1][padded] == -100).all()
+    # The same tokens as SEPIT's prompt with its `<protein>` written as text.
+    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
+    sepit = processor.apply_chat_template(QUESTION).replace("<protein>", "<bop>MKTAYIAK<eop>")
+    assert batch["input_ids"][0].tolist() == pure_tokenizer(sepit)["input_ids"]
+
+
+def test_sequence_as_text_collator_cuts_the_sequence_so_that_the_answer_fits(pure_tokenizer, demo_dataset) -> None:
+    row = next(
+        row
+        for row in load_dataset(str(demo_dataset), "instructions", split="train")
+        if len(row["sequence"]) > 400 and 150 < len(row["answer"]) < 400
+    )
+    full = SequenceAsTextCollator(pure_tokenizer, max_protein_length=300, max_length=None)([row])
+    length = full["input_ids"].shape[1]
+    fitted = SequenceAsTextCollator(pure_tokenizer, max_protein_length=300, max_length=length - 40)([row])
+    assert length - 40 - 3 <= fitted["input_ids"].shape[1] <= length - 40
+    assert answer_of(pure_tokenizer, fitted) == answer_of(pure_tokenizer, full)  # the answer whole
+    written = pure_tokenizer.decode(fitted["input_ids"][0]).split("<bop>")[1].split("<eop>")[0]
+    assert row["sequence"].startswith(written) and 250 < len(written) < 300
+    # An answer that cannot fit even without the protein loses the protein, then its tail at max_length.
+    without = SequenceAsTextCollator(pure_tokenizer, max_protein_length=1, max_length=None)([row])["input_ids"].shape[1]
+    with pytest.warns(UserWarning, match="even without its protein sequence: its answer is cut there"):
+        cut = SequenceAsTextCollator(pure_tokenizer, max_protein_length=300, max_length=without - 10)([row])
+    assert cut["input_ids"].shape[1] == without - 10 and "<bop><eop>" in pure_tokenizer.decode(cut["input_ids"][0])
+    assert answer_of(pure_tokenizer, full).startswith(answer_of(pure_tokenizer, cut))
+
+
+def test_sequence_as_text_collator_lengths_and_refusals(pure_tokenizer, tiny_parts, demo_dataset) -> None:
+    collator = SequenceAsTextCollator(pure_tokenizer, max_protein_length=64)
+    rows = load_dataset(str(demo_dataset), "instructions", split="train").select(range(6))
+    assert collator.lengths(rows[:]) == [collator([row])["input_ids"].shape[1] for row in rows]
+    with pytest.raises(ValueError, match=r"examples\[0\].messages: 0 `<protein>` tags for 1 protein sequences"):
+        collator([{"messages": [{"role": "user", "content": "Why ?"}, QUESTION[1]], "sequence": "MKT"}])
+    with pytest.raises(ValueError, match=r"examples\[0\]: no assistant reply to train on"):
+        collator([{"messages": QUESTION[:1], "sequence": "MKT"}])
+    with pytest.raises(ValueError, match="no <bop>/<eop> tokens; prepare it with prepare_pure_llm"):
+        SequenceAsTextCollator(AutoTokenizer.from_pretrained(tiny_parts / "language_model"))
