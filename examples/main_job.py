@@ -255,10 +255,14 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
     requests.write_text(json.dumps(held_out_requests(paths["dataset"]), indent=2))
     timings["reload and ask"] = run("reload", [python, str(RELOAD_SCRIPT), str(hub), str(requests), args.device])
 
-    if args.push_dataset_repo:
-        print(f"dataset pushed: {push_dataset(paths['dataset'], args.push_dataset_repo)}")
-    if args.push_model_repo:
-        print(f"model pushed: {push_hub_folder(hub, args.push_model_repo)}")
+    try:
+        if args.push_dataset_repo:
+            print(f"dataset pushed: {push_dataset(paths['dataset'], args.push_dataset_repo)}")
+        if args.push_model_repo:
+            print(f"model pushed: {push_hub_folder(hub, args.push_model_repo)}")
+    except Exception as error:  # noqa: BLE001 - network, token or permission: every folder is written and kept
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise StepFailed(f"publishing failed ({reason}); the folders are in {out}, push them again") from error
 
     print(f"\n== done in {time.perf_counter() - started:.0f} s")
     for step, seconds in timings.items():

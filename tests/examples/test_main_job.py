@@ -21,6 +21,7 @@ def test_main_job_builds_trains_evaluates_publishes_and_reloads(tmp_path, capfd)
         "--push_model_repo", "me/sepit-demo", "--push_dataset_repo", "me/sepit-data",
     ]  # fmt: skip
     with (
+        mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", False),  # the Hub "reachable": pushes are not refused
         mock.patch("modeling_sepit.hub_sepit.HfApi") as model_api,
         mock.patch("dataset_card.card.HfApi") as dataset_api,
     ):
