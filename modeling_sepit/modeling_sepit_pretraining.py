@@ -4,7 +4,8 @@
   features of a frozen text encoder (PubMedBERT in the paper), negatives gathered across processes.
 - Coordinate denoising: C-alpha coordinates are perturbed with Gaussian noise and an SE(3)-equivariant head over the
   structure-biased attention predicts the noise (Transformer-M / Uni-Mol style).
-- Masked-residue prediction over the ESM vocabulary.
+- Masked-residue prediction over the ESM vocabulary, by ESM-2's own pretrained masked-LM head (the original trains a
+  fresh 512-way head: `masked_residue_head_type="original"`).
 
 The encoder sits under the parameter names of [`SepitForConditionalGeneration`] (`model.protein_model.*`,
 `model.structure_module.*`); [`load_pretrained_encoder`] copies it from a stage-0 folder into a stage-1 model.
@@ -42,6 +43,8 @@ from .processing_sepit import to_protein_input
 
 # CLIP's bounds on the logit scale: at most 100, i.e. a temperature of at least 0.01.
 MAX_LOGIT_SCALE = math.log(100.0)
+# "esm": ESM-2's pretrained masked-LM head; "original": the original's fresh Linear-GELU-LayerNorm-Linear head.
+MASKED_RESIDUE_HEAD_TYPES = ("esm", "original")
 
 
 @strict
@@ -62,6 +65,14 @@ class SepitProteinPretrainingConfig(SepitConfig):
             coordinates (0.2 in the original).
         mlm_probability (`float`): fraction of residues replaced by `<mask>` (mask only, no random or kept tokens,
             as in the original stage 0).
+        masked_residue_head_type (`str`): "esm" (default): ESM-2's masked-LM head over its vocabulary, which
+            `from_pretrained_parts` takes pretrained from the ESM-2 checkpoint, so the masked-residue loss starts at
+            ESM-2's own level and keeps what it learned; "original": the original's head, trained from scratch,
+            Linear(hidden, projection_dim)-GELU-LayerNorm-Linear(projection_dim, projection_dim), whose
+            `projection_dim` logits (512 in the paper) are scored against ESM token ids (the ids beyond the
+            vocabulary are never targets).
+        position_head_dropout (`float`): dropout on the denoising head's attention probabilities (0.1 as in the
+            original).
         contrastive_loss_weight, denoising_loss_weight, masked_residue_loss_weight (`float`): weights of the three
             losses in `loss`.
     """
@@ -79,6 +90,8 @@ class SepitProteinPretrainingConfig(SepitConfig):
     logit_scale_init_value: float = 2.6592
     coordinate_noise_scale: float = 0.2
     mlm_probability: float = 0.15
+    masked_residue_head_type: str = "esm"
+    position_head_dropout: float = 0.1
     contrastive_loss_weight: float = 1.0
     denoising_loss_weight: float = 1.0
     masked_residue_loss_weight: float = 1.0
@@ -105,6 +118,19 @@ class SepitProteinPretrainingConfig(SepitConfig):
             raise ValueError(f"coordinate_noise_scale must be > 0 (Angstrom), got {self.coordinate_noise_scale}")
         if not 0.0 <= self.mlm_probability <= 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1], got {self.mlm_probability}")
+        if self.masked_residue_head_type not in MASKED_RESIDUE_HEAD_TYPES:
+            raise ValueError(
+                f"masked_residue_head_type must be one of {list(MASKED_RESIDUE_HEAD_TYPES)}, got "
+                f"{self.masked_residue_head_type!r}"
+            )
+        vocabulary = self.protein_config.vocab_size
+        if self.masked_residue_head_type == "original" and self.projection_dim < vocabulary:
+            raise ValueError(
+                f"masked_residue_head_type='original' scores projection_dim={self.projection_dim} logits against ESM "
+                f"token ids; it needs projection_dim >= the ESM vocabulary ({vocabulary})"
+            )
+        if not 0.0 <= self.position_head_dropout < 1.0:
+            raise ValueError(f"position_head_dropout must be in [0, 1), got {self.position_head_dropout}")
         for name in ("contrastive_loss_weight", "denoising_loss_weight", "masked_residue_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -118,7 +144,8 @@ class SepitProteinPretrainingOutput(ModelOutput):
     denoising_loss: mean squared error of the predicted unit noise over the residues that were noised.
     masked_residue_loss: cross-entropy over the masked residues.
     logits_per_protein: (proteins, captions of the global batch) scaled cosine similarities.
-    masked_residue_logits: (proteins, P, ESM vocabulary) logits of the masked-input pass.
+    masked_residue_logits: (proteins, P, ESM vocabulary) logits of the masked-input pass (projection_dim logits with
+        `masked_residue_head_type="original"`).
     noise_prediction: (proteins, P, 3) predicted unit noise (coordinate noise / `coordinate_noise_scale`).
     protein_embeds, caption_embeds: (proteins, projection_dim) L2-normalised embeddings.
     """
@@ -253,7 +280,7 @@ class SepitPositionHead(nn.Module):
         self.q_proj = nn.Linear(hidden, hidden)
         self.k_proj = nn.Linear(hidden, hidden)
         self.v_proj = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(config.protein_config.attention_probs_dropout_prob)
+        self.dropout = nn.Dropout(config.position_head_dropout)
         self.force_proj = nn.Linear(hidden, 1, bias=False)
 
     def forward(
@@ -288,6 +315,21 @@ class SepitPositionHead(nn.Module):
         return prediction.masked_fill(~coords_mask.unsqueeze(-1), 0.0)
 
 
+class SepitOriginalMaskedResidueHead(nn.Module):
+    """The original stage-0 masked-residue head, trained from scratch: Linear(hidden, projection_dim)-GELU-LayerNorm-
+    Linear(projection_dim, projection_dim), giving `projection_dim` logits per position."""
+
+    def __init__(self, config: SepitProteinPretrainingConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.protein_config.hidden_size, config.projection_dim)
+        self.act = ACT2FN["gelu"]
+        self.layer_norm = nn.LayerNorm(config.projection_dim)
+        self.decoder = nn.Linear(config.projection_dim, config.projection_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(self.act(self.dense(hidden_states))))
+
+
 class SepitForProteinPretraining(SepitPreTrainedModel):
     """SEPIT stage 0: warms up the structure-aware encoder with contrastive, denoising and masked-residue losses.
 
@@ -309,7 +351,10 @@ class SepitForProteinPretraining(SepitPreTrainedModel):
         )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.position_head = SepitPositionHead(config)
-        self.masked_residue_head = EsmLMHead(config.protein_config)
+        if config.masked_residue_head_type == "original":
+            self.masked_residue_head = SepitOriginalMaskedResidueHead(config)
+        else:
+            self.masked_residue_head = EsmLMHead(config.protein_config)
         self.post_init()
 
     @torch.no_grad()
@@ -503,8 +548,9 @@ class SepitForProteinPretraining(SepitPreTrainedModel):
     def from_pretrained_parts(
         cls, protein_model_name_or_path: str, text_encoder_name_or_path: str, **kwargs
     ) -> "SepitForProteinPretraining":
-        """A stage-0 model from an ESM-2 checkpoint (its masked-LM head initialises `masked_residue_head`) and a text
-        encoder checkpoint (names or paths), with a fresh structure module, projections and position head.
+        """A stage-0 model from an ESM-2 checkpoint (its masked-LM head initialises `masked_residue_head`, unless
+        `masked_residue_head_type="original"`, whose head is fresh) and a text encoder checkpoint (names or paths), with
+        a fresh structure module, projections and position head.
 
         Keyword arguments go to `SepitProteinPretrainingConfig` when they name one of its fields, else to both
         `from_pretrained` calls (`dtype`, `revision`, `token`, ...).
@@ -523,12 +569,15 @@ class SepitForProteinPretraining(SepitPreTrainedModel):
             model = cls(config)
         model.model.protein_model = masked_lm.esm
         model.text_encoder = text_encoder.requires_grad_(False)
-        head = masked_lm.lm_head
-        # ESM ties its decoder to the input embeddings; here each is trained on its own.
-        head.decoder.weight = nn.Parameter(head.decoder.weight.detach().clone())
-        model.masked_residue_head = head
+        fresh = [model.model.structure_module, model.protein_projection, model.caption_projection, model.position_head]
+        if config.masked_residue_head_type == "esm":
+            head = masked_lm.lm_head
+            # ESM ties its decoder to the input embeddings; here each is trained on its own.
+            head.decoder.weight = nn.Parameter(head.decoder.weight.detach().clone())
+            model.masked_residue_head = head
+        else:
+            fresh.append(model.masked_residue_head)
         device, dtype = masked_lm.device, masked_lm.dtype
-        fresh = (model.model.structure_module, model.protein_projection, model.caption_projection, model.position_head)
         for module in fresh:
             module.to_empty(device=device)
             module.apply(model._init_weights)
@@ -705,7 +754,9 @@ def load_pretrained_encoder(
 
 
 __all__ = [
+    "MASKED_RESIDUE_HEAD_TYPES",
     "SepitForProteinPretraining",
+    "SepitOriginalMaskedResidueHead",
     "SepitPositionHead",
     "SepitPretrainingCollator",
     "SepitProteinEncoder",

@@ -36,7 +36,17 @@ from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining
 from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, mega_batch_steps, save_loss_plot
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
-MODEL_OVERRIDES = ("projection_dim", "mlm_probability", "coordinate_noise_scale", "num_gaussian_kernels")
+MODEL_OVERRIDES = (
+    "projection_dim",
+    "mlm_probability",
+    "coordinate_noise_scale",
+    "num_gaussian_kernels",
+    "masked_residue_head_type",
+    "position_head_dropout",
+)
+# Trained at the base learning rate, as in the original: the pretrained ESM-2 and the contrastive temperature (which
+# its optimizer left out of the modules it scaled); everything else is new and trains at `new_modules_lr_scale`.
+BASE_RATE_PREFIXES = ("model.protein_model.", "logit_scale")
 WRITER = "stage0_encoder_warmup"
 
 
@@ -58,7 +68,10 @@ class Stage0Arguments:
     max_caption_length: int = field(default=512, metadata={"help": "Caption tokens kept (original: 512)."})
     new_modules_lr_scale: float = field(
         default=10.0,
-        metadata={"help": "Learning rate of everything but the pretrained ESM-2 / base rate (original lr_ratio: 10)."},
+        metadata={
+            "help": "Learning rate of the new modules (structure module, projections, heads) / base rate; ESM-2 and "
+            "the temperature train at the base rate (original lr_ratio: 10)."
+        },
     )
     projection_dim: int | None = field(default=None, metadata={"help": "Contrastive embedding width (new model)."})
     mlm_probability: float | None = field(default=None, metadata={"help": "Fraction of residues masked (new model)."})
@@ -67,6 +80,17 @@ class Stage0Arguments:
     )
     num_gaussian_kernels: int | None = field(
         default=None, metadata={"help": "Distance kernels of the structure module (new model; stage 1 must match)."}
+    )
+    masked_residue_head_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "New model: 'esm' (default), ESM-2's pretrained masked-LM head; 'original', the original's fresh "
+            "head with projection_dim logits."
+        },
+    )
+    position_head_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout in the denoising head's attention (new model; default 0.1, the original's)."},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into output_dir even if it holds files this script did not write."}
@@ -90,8 +114,8 @@ class Stage0Arguments:
 
 class SepitPretrainingTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` that logs each stage-0 loss next to `loss` (averaged, like it, over the logging interval and the
-    processes), gives the modules trained from scratch their own learning rate, as the original did, and writes each
-    checkpoint whole (`AtomicCheckpointMixin`)."""
+    processes), gives the modules trained from scratch their own learning rate (ESM-2 and the temperature keep the base
+    rate), as the original did, and writes each checkpoint whole (`AtomicCheckpointMixin`)."""
 
     def __init__(self, *args, new_modules_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -108,8 +132,7 @@ class SepitPretrainingTrainer(AtomicCheckpointMixin, Trainer):
             groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
             for name, parameter in model.named_parameters():
                 if parameter.requires_grad:
-                    pretrained = name.startswith("model.protein_model.")
-                    scale = 1.0 if pretrained else self.new_modules_lr_scale
+                    scale = 1.0 if name.startswith(BASE_RATE_PREFIXES) else self.new_modules_lr_scale
                     groups.setdefault((scale, name in decay), []).append(parameter)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             learning_rate = optimizer_kwargs.pop("lr", self.args.learning_rate)

@@ -17,6 +17,7 @@ from modeling_sepit import SepitForConditionalGeneration
 from modeling_sepit.modeling_sepit_pretraining import (
     MAX_LOGIT_SCALE,
     SepitForProteinPretraining,
+    SepitOriginalMaskedResidueHead,
     SepitProteinPretrainingConfig,
     contrastive_loss,
     load_pretrained_encoder,
@@ -200,7 +201,7 @@ def test_noise_prediction_is_rotation_equivariant_and_translation_invariant(batc
 
 
 def test_only_masked_and_noised_residues_enter_their_losses(short_batch):
-    model = make_model()
+    model = make_model(position_head_dropout=0.0)  # two passes compared below
     batch = dict(short_batch)
     # The last protein has no coordinates: nothing of it may enter the denoising loss.
     batch["protein_coords_mask"] = batch["protein_coords_mask"].clone()
@@ -341,6 +342,55 @@ def test_from_pretrained_parts_reuses_the_esm_masked_lm_head(short_batch, tmp_pa
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
+def test_original_masked_residue_head_is_fresh_and_scores_esm_ids(short_batch, tmp_path):
+    """`masked_residue_head_type="original"`: the original's head, trained from scratch, with projection_dim logits
+    scored against ESM token ids; saved and reloaded as such."""
+    torch.manual_seed(0)
+    masked_lm = EsmForMaskedLM(tiny_config().protein_config)
+    masked_lm.save_pretrained(tmp_path / "esm")
+    BertModel(pretraining_config().text_encoder_config).save_pretrained(tmp_path / "bert")
+    model = SepitForProteinPretraining.from_pretrained_parts(
+        tmp_path / "esm",
+        tmp_path / "bert",
+        projection_dim=48,
+        num_gaussian_kernels=16,
+        masked_residue_head_type="original",
+    )
+    head = model.masked_residue_head
+    assert isinstance(head, SepitOriginalMaskedResidueHead)
+    assert (head.dense.in_features, head.dense.out_features, head.decoder.out_features) == (32, 48, 48)
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in head.parameters()) and head.dense.weight.std() > 0
+
+    corruption = fixed_corruption(short_batch)
+    out = model.train()(**short_batch, **corruption)
+    assert out.masked_residue_logits.shape == (*short_batch["protein_input_ids"].shape, 48)
+    masked = corruption["masked_positions"]
+    expected = F.cross_entropy(out.masked_residue_logits[masked], short_batch["protein_input_ids"][masked])
+    torch.testing.assert_close(out.masked_residue_loss, expected)
+    out.masked_residue_loss.backward()
+    assert grad_norm(head) > 0
+
+    model.save_pretrained(tmp_path / "stage0")
+    reloaded = SepitForProteinPretraining.from_pretrained(tmp_path / "stage0")
+    assert isinstance(reloaded.masked_residue_head, SepitOriginalMaskedResidueHead)
+    for name, tensor in head.state_dict().items():
+        torch.testing.assert_close(reloaded.masked_residue_head.state_dict()[name], tensor, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_position_head_dropout_acts_in_training_only(short_batch, dropout):
+    """The denoising head drops attention probabilities as the original did (0.1 by default); eval mode does not."""
+    assert pretraining_config().position_head_dropout == 0.1
+    model = make_model(position_head_dropout=dropout).train()
+    corruption = fixed_corruption(short_batch)
+    first, second = (model(**short_batch, **corruption).noise_prediction for _ in range(2))
+    assert torch.equal(first, second) == (dropout == 0.0)
+    model.eval()
+    first, second = (model(**short_batch, **corruption).noise_prediction for _ in range(2))
+    assert torch.equal(first, second)
+
+
 def test_stage1_from_pretrained_parts_loads_in_the_requested_dtype(tmp_path):
     """`dtype` is a loading argument, not a `SepitConfig` field: both parts load in it and the fresh modules follow."""
     config = tiny_config()
@@ -403,6 +453,9 @@ def test_invalid_inputs_name_the_field(short_batch, field, message):
         ({"coordinate_noise_scale": 0.0}, "coordinate_noise_scale"),
         ({"denoising_loss_weight": -1.0}, "denoising_loss_weight"),
         ({"projection_dim": 0}, "projection_dim"),
+        ({"masked_residue_head_type": "bert"}, "masked_residue_head_type"),
+        ({"masked_residue_head_type": "original"}, "projection_dim"),  # 16 logits for 33 ESM tokens
+        ({"position_head_dropout": 1.0}, "position_head_dropout"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):

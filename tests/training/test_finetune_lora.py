@@ -224,6 +224,16 @@ def test_every_recipe_parses_with_its_script() -> None:
         if recipe.stem == "stage2":
             assert script_args.num_experts == 4 and script_args.num_experts_per_tok == 1, recipe
             assert {"protein_model", "structure_module"} <= set(script_args.freeze), recipe
+        if paper and recipe.stem in ("stage1", "stage2"):
+            # As the release trained (training/README.md, "Original code and ours"): every part at the base rate (its
+            # lr_ratio never applied); in stage 2 a mean per sequence and expert capacity 1.25, none at inference.
+            assert script_args.language_model_lr_scale == 1.0, recipe
+            if recipe.stem == "stage1":
+                assert script_args.encoder_lr_scale == 1.0, recipe
+            else:
+                assert script_args.loss_reduction == "sequence", recipe
+                assert script_args.expert_capacity_factor == 1.25, recipe
+                assert script_args.expert_eval_capacity_factor is None, recipe
 
 
 def launch_environment(config_file: Path) -> dict[str, str]:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from datasets import load_dataset
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from trl import TrlParser
 
 from modeling_sepit import (
     SepitForConditionalGeneration,
@@ -26,7 +28,7 @@ from modeling_sepit import (
     SepitPretrainingCollator,
     load_pretrained_encoder,
 )
-from modeling_sepit.modeling_sepit_pretraining import MAX_LOGIT_SCALE
+from modeling_sepit.modeling_sepit_pretraining import MAX_LOGIT_SCALE, SepitOriginalMaskedResidueHead
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "training" / "stage0_encoder_warmup.py"
@@ -107,6 +109,48 @@ def test_collator_aligns_coordinates_with_tokens_and_truncates(demo_dataset, tin
     collator.save_pretrained(tmp_path)
     reloaded = SepitPretrainingCollator.from_pretrained(tmp_path, max_protein_length=100, max_caption_length=16)
     assert all(torch.equal(reloaded([lysozyme, short])[key], value) for key, value in batch.items())
+
+
+def test_new_modules_train_at_their_scale_and_esm2_and_the_temperature_at_the_base_rate(tiny_parts, tmp_path) -> None:
+    """The original's groups (its `CLIPPretrainTrainer`): the structure module, projections and heads at
+    `new_modules_lr_scale` x the base rate; ESM-2 and the contrastive temperature at the base rate. The script also
+    builds the original's masked-residue head on request."""
+    args = stage0["Stage0Arguments"](
+        dataset_name="unused",
+        protein_model_name_or_path=str(tiny_parts / "protein_model"),
+        text_encoder_name_or_path=str(tiny_parts / "text_encoder"),
+        projection_dim=64,
+        masked_residue_head_type="original",
+    )
+    model, _ = stage0["load_model_and_collator"](args)
+    assert isinstance(model.masked_residue_head, SepitOriginalMaskedResidueHead)
+    assert model.config.position_head_dropout == 0.1
+    training_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-6, report_to="none")
+    trainer = stage0["SepitPretrainingTrainer"](model=model, args=training_args, new_modules_lr_scale=10.0)
+    rates = {id(p): group["lr"] for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trained.keys() == {name for name in trained if id(trained[name]) in rates}
+    assert not any(name.startswith("text_encoder.") for name in trained)
+    for name, parameter in trained.items():
+        base = name.startswith("model.protein_model.") or name == "logit_scale"
+        assert rates[id(parameter)] == pytest.approx(1e-6 if base else 1e-5), name
+    for prefix in ("model.structure_module.", "protein_projection.", "position_head.", "masked_residue_head."):
+        assert any(name.startswith(prefix) for name in trained), prefix
+
+
+@pytest.mark.parametrize("llm", ["paper-tinyllama", "paper-openllama3b", "paper-llama2-7b"])
+def test_paper_stage0_recipes_train_as_the_original(llm) -> None:
+    """config/stage0.yaml of the original with its DeepSpeed zero3.json: lr 1e-6, 10x for the new modules, no gradient
+    clipping (zero3.json sets none, and the Trainer leaves clipping to DeepSpeed)."""
+    recipe = ROOT / "training" / "recipes" / llm / "stage0.yaml"
+    settings = yaml.safe_load(recipe.read_text())
+    parser = TrlParser((stage0["Stage0Arguments"], TrainingArguments))
+    script_args, training_args = parser.parse_args_and_config(args=["--config", str(recipe), "--bf16", "false"])
+    assert settings["bf16"] is True
+    assert training_args.max_grad_norm == 0 and training_args.learning_rate == 1e-6
+    assert script_args.new_modules_lr_scale == 10.0 and script_args.mlm_probability == 0.15
+    assert script_args.projection_dim == 512 and script_args.max_caption_length == 512
+    assert (training_args.num_train_epochs, training_args.per_device_train_batch_size) == (10, 4)
 
 
 def test_losses_fall_and_each_component_is_logged(straight_run) -> None:
