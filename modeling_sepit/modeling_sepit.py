@@ -62,7 +62,7 @@ CUSTOM_PIPELINES = {
 # Token ids: what `nn.Embedding` takes.
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)
 TENSOR_KINDS = {
-    "ids": "integer token ids (torch.long, or torch.int32)",
+    "ids": "integers (torch.long, or torch.int32)",
     "mask": "0/1 values (bool, integer or float dtype)",
     "real": "real numbers (e.g. torch.float32)",
     "float": "floating-point numbers (e.g. torch.float32)",
@@ -383,9 +383,12 @@ class SepitModel(SepitPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         self._check_text_inputs(input_ids, attention_mask, position_ids, inputs_embeds, cache)
-        if mm_encoder_outputs is not None and not isinstance(mm_encoder_outputs, dict):
+        if mm_encoder_outputs is not None and (
+            not isinstance(mm_encoder_outputs, dict) or set(mm_encoder_outputs) - {"protein"}
+        ):
+            shown = sorted(mm_encoder_outputs) if isinstance(mm_encoder_outputs, dict) else ""
             raise ValueError(
-                f"mm_encoder_outputs: got {type(mm_encoder_outputs).__name__}; give a dict {{'protein': "
+                f"mm_encoder_outputs: got {type(mm_encoder_outputs).__name__} {shown}; give a dict {{'protein': "
                 "get_protein_features(..., return_dict=True)}"
             )
         precomputed = (mm_encoder_outputs or {}).get("protein")
@@ -501,6 +504,20 @@ class SepitModel(SepitPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, cached + new tokens) = "
                 f"({batch}, {past} + {length}), one column per token"
             )
+        if attention_mask is not None and attention_mask.ndim == 4:
+            # A prepared mask goes to the attention as it is (transformers' masking utilities do not touch it).
+            heads = self.config.text_config.num_attention_heads
+            shape = tuple(attention_mask.shape)
+            if shape[0] != batch or shape[1] not in (1, heads) or shape[2:] != (length, past + length):
+                raise ValueError(
+                    f"attention_mask is 4-D with shape {shape}; a prepared mask must be (batch, 1, new tokens, "
+                    f"cached + new tokens) = ({batch}, 1, {length}, {past + length}), or 2-D (batch, {past + length})"
+                )
+            if not (attention_mask.dtype is torch.bool or attention_mask.dtype.is_floating_point):
+                raise ValueError(
+                    f"attention_mask is 4-D with dtype {attention_mask.dtype}; a prepared mask is bool (True: attend) "
+                    "or float (0 to attend, a large negative number not to)"
+                )
         if position_ids is not None and (position_ids.shape[-1] != length or position_ids.shape[-2] not in (1, batch)):
             raise ValueError(
                 f"position_ids has shape {tuple(position_ids.shape)}; it must be (batch or 1, sequence) = "
@@ -697,13 +714,14 @@ def pool_protein_states(states: torch.Tensor, attention_mask: torch.Tensor, pool
     return sums[present] / sizes[present].unsqueeze(-1).to(sums.dtype)
 
 
-def check_labels(labels: object, reference: torch.Tensor, vocab_size: int) -> None:
+def check_labels(labels: object, reference: object, vocab_size: int) -> None:
     """`labels`: long token ids shaped as `input_ids`, each in [0, vocab_size) or -100 (no loss there); values in one
-    host sync (a training step's loss syncs anyway), not while torch.compile traces."""
+    host sync (a training step's loss syncs anyway), not while torch.compile traces. A malformed `reference` (the
+    text input) is left to the model's own check, which names it."""
     if isinstance(labels, torch.Tensor) and labels.dtype is not torch.long:
         raise ValueError(f"labels has dtype {labels.dtype}; it must hold token ids of dtype torch.long (the loss's)")
     check_tensor("labels", labels, "ids", (2,), "(batch, sequence), as input_ids")
-    if labels.shape != reference.shape[:2]:
+    if isinstance(reference, torch.Tensor) and reference.ndim >= 2 and labels.shape != reference.shape[:2]:
         raise ValueError(
             f"labels has shape {tuple(labels.shape)}; it must be input_ids' shape {tuple(reference.shape[:2])} (the "
             "model shifts them itself)"
