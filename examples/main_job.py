@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("protein_model", "language_model", "text_encoder", "bertscore_model"):
             require_local_or_cached(getattr(args, name), name)  # offline: before the dataset is built
         inputs = [args.dataset_dir, args.protein_model, args.language_model, args.text_encoder, args.bertscore_model]
-        out = claim_output_folder(ROOT / args.output_dir, "main_job", inputs, args.overwrite).resolve()
+        # Each step checks its own folder below `out`; `out` may hold an earlier run's dataset given as dataset_dir.
+        out = claim_output_folder(ROOT / args.output_dir, "main_job", inputs, args.overwrite, may_hold_inputs=True)
+        out = out.resolve()
     except ValueError as error:
         print(f"main_job: error: {error}", file=sys.stderr)
         return 2

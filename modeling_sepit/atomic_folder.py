@@ -55,16 +55,18 @@ def check_output_path(
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
     field: str = "output_dir",
+    may_hold_inputs: bool = False,
 ) -> Path:
     """`path` as a Path if command `writer` may write it (see the module docstring); else a ValueError naming `field`,
     what is there and the fix. `inputs` are the paths the command reads (files, folders, or Hub ids, which are
-    skipped)."""
+    skipped). `may_hold_inputs`: the command writes only into new sub-folders of `path`, each checked by the command
+    that writes it, so an input below `path` is safe (the main job reading a dataset it built before)."""
     path = Path(path)
     if str(path) == "":
         raise ValueError(f"{field}: empty path; give the folder to write")
     target = path.resolve()
     for given, source in _input_paths(inputs):
-        if target == source or target in source.parents:
+        if target == source or (target in source.parents and not may_hold_inputs):
             raise ValueError(f"{field}: {path} is or holds the input {given}; writing it would destroy what is read")
         if source in target.parents:
             raise ValueError(f"{field}: {path} lies inside the input {given}; write the output elsewhere")
@@ -97,10 +99,11 @@ def claim_output_folder(
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
     field: str = "output_dir",
+    may_hold_inputs: bool = False,
 ) -> Path:
     """For commands that write into their folder as they go (trainers, the main job): `check_output_path`, then the
     folder is created (a file or link there is removed when `overwrite`) and marked as `writer`'s."""
-    path = check_output_path(path, writer, inputs, overwrite, field)
+    path = check_output_path(path, writer, inputs, overwrite, field, may_hold_inputs)
     if overwrite and (path.is_symlink() or (os.path.lexists(path) and not path.is_dir())):
         path.unlink()
     path.mkdir(parents=True, exist_ok=True)

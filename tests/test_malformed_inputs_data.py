@@ -43,7 +43,7 @@ from dataset_card.build_dataset import BuildArguments, build_dataset
 from dataset_card.uniprot_reader import ReadReport, entry_from_json, iter_entries
 from modeling_sepit import convert_original_sepit as converter
 from modeling_sepit import structure_loading
-from modeling_sepit.atomic_folder import MARKER, check_output_path
+from modeling_sepit.atomic_folder import MARKER, check_output_path, claim_output_folder
 from modeling_sepit.structure_loading import load_structure
 from tests.conftest import FIXTURES, ORIGINAL, ROOT, SCRIPTS, STRUCTURES
 
@@ -336,6 +336,13 @@ OUTPUT_CASES = [
         "main_job", ["--output_dir", "{mine}"], "mine", [f"no {MARKER} marker"], id="main-job-in-a-full-folder"
     ),
     pytest.param("main_job", ["--output_dir", "{file}"], "file", ["is an existing file"], id="main-job-over-a-file"),
+    pytest.param(
+        "main_job",
+        ["--output_dir", "{dataset}/main", "--dataset_dir", "{dataset}"],
+        "dataset",
+        ["lies inside the input"],
+        id="main-job-inside-its-dataset",
+    ),
 ]
 
 
@@ -368,6 +375,17 @@ def test_a_run_continues_in_the_folder_of_its_own_earlier_run(places):
     assert check_output_path(folder, "sft", [places["model"]]) == folder
     with pytest.raises(ValueError, match="holds the output of sft"):
         check_output_path(folder, "stage0_encoder_warmup", [places["model"]])
+
+
+def test_the_main_job_may_hold_the_dataset_it_reads_but_no_step_may_replace_it(places):
+    main, dataset = Path(places["tmp"], "main"), Path(places["tmp"], "main", "dataset")
+    write(main / MARKER, json.dumps({"writer": "main_job"}))
+    shutil.copytree(places["dataset"], dataset)  # built by an earlier run of the job, read by this one
+    assert claim_output_folder(main, "main_job", [dataset], may_hold_inputs=True) == main
+    with pytest.raises(ValueError, match="is or holds the input"):
+        check_output_path(main, "build_dataset", [dataset])
+    with pytest.raises(ValueError, match="lies inside the input"):
+        check_output_path(dataset / "parts", "build_tiny_parts", [dataset])
 
 
 # --- class 2: real old Swiss-Prot entries ----------------------------------------------------------------------------
