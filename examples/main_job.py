@@ -1,5 +1,6 @@
-"""The main job: build the instruction dataset, train SEPIT stage by stage (0 -> 1 -> 2), evaluate it against its
-baselines, write a Hub-ready folder, reload it in a fresh process and ask it about held-out real proteins.
+"""The main job: build the instruction dataset, train SEPIT stage by stage (0 -> 1 -> 2) and the paper's PureLLM
+baseline, evaluate SEPIT against its baselines, write a Hub-ready folder, reload it in a fresh process and ask it about
+held-out real proteins.
 
     ./run.sh main                                   # bundled demo corpus, tiny models, CPU (about 10 minutes)
     ./run.sh main --protein_model facebook/esm2_t33_650M_UR50D --language_model TinyLlama/TinyLlama-1.1B-Chat-v1.0 \\
@@ -36,6 +37,7 @@ from modeling_sepit.hub_sepit import model_card, push_hub_folder, require_local_
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT_STRUCTURE = ROOT / "examples" / "data" / "4hhb.pdb"  # haemoglobin: not in the demo corpus
 RELOAD_SCRIPT = ROOT / "examples" / "reload_and_ask.py"
+RECIPES = ("stage0.yaml", "stage1.yaml", "stage2.yaml", "pure_llm.yaml")
 
 
 @dataclass
@@ -49,7 +51,9 @@ class MainJobArguments:
     protein_model: str | None = field(default=None, metadata={"help": "ESM-2 checkpoint; default: tiny parts."})
     language_model: str | None = field(default=None, metadata={"help": "Chat LLM checkpoint; default: tiny parts."})
     text_encoder: str | None = field(default=None, metadata={"help": "Stage-0 caption encoder; default: tiny."})
-    recipes: str = field(default="training/recipes/tiny", metadata={"help": "Folder of stage0/1/2 YAML recipes."})
+    recipes: str = field(
+        default="training/recipes/tiny", metadata={"help": "Folder of stage0/1/2 and pure_llm YAML recipes."}
+    )
     launcher: str = field(
         default="", metadata={"help": "Prefix for the training commands, e.g. 'accelerate launch --config_file ...'."}
     )
@@ -71,8 +75,9 @@ class MainJobArguments:
             raise ValueError(
                 "protein_model, language_model, text_encoder: give all three real checkpoints, or none for tiny parts"
             )
-        if not (ROOT / self.recipes / "stage0.yaml").is_file():
-            raise ValueError(f"recipes: {self.recipes} has no stage0.yaml; use a folder of training/recipes/")
+        for recipe in RECIPES:
+            if not (ROOT / self.recipes / recipe).is_file():
+                raise ValueError(f"recipes: {self.recipes} has no {recipe}; use a folder of training/recipes/")
         if self.dataset_dir and not Path(self.dataset_dir).is_dir():
             raise ValueError(f"dataset_dir: {self.dataset_dir} is not a folder; give one built by dataset_card")
         # 0 would read as "no cap" below and run every stage in full
@@ -157,7 +162,9 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
     results = "\n\n".join(
         [
             "Greedy answers; BLEU/ROUGE/METEOR/BERTScore on open-ended questions, yes/no accuracy on closed ones; "
-            "the baselines are the same model with the structure withheld and its LLM with no protein.",
+            "the baselines are the same model with the structure withheld, its LLM with no protein, and PureLLM (the "
+            "paper's baseline: the same LLM fine-tuned on the same questions and steps as stage 2, with the amino-acid "
+            "sequence written in the prompt as text).",
             "### Held-out test split",
             table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"),
             "### InstructProtein yes/no test sets (metal-ion binding, GO molecular function)",
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_steps(args: MainJobArguments, out: Path) -> int:
     """Every step in turn, each writing into its own folder under `out`."""
     paths = {name: out / name for name in ("dataset", "parts", "stage0", "stage1", "stage2", "evaluation")}
-    paths |= {"instructprotein": out / "instructprotein", "hub": out / "hub-model"}
+    paths |= {"instructprotein": out / "instructprotein", "hub": out / "hub-model", "pure_llm": out / "pure-llm"}
     if args.dataset_dir:
         paths["dataset"] = Path(args.dataset_dir).resolve()
     python, timings, started = sys.executable, {}, time.perf_counter()
@@ -217,41 +224,45 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
 
     if not args.dataset_dir:
         build = [python, "-m", "dataset_card.build_dataset", "--output_dir", str(paths["dataset"])]
-        timings["dataset"] = run("1/8 the instruction dataset (bundled UniProt + PDB demo corpus)", [*build, *flag])
+        timings["dataset"] = run("1/9 the instruction dataset (bundled UniProt + PDB demo corpus)", [*build, *flag])
     external = [python, "-m", "dataset_card.external_benchmarks", "--output_dir", str(paths["instructprotein"])]
     external += ["--max_per_benchmark", str(args.external_per_benchmark), *flag]
-    timings["external benchmark"] = run("2/8 InstructProtein yes/no test sets", external)
+    timings["external benchmark"] = run("2/9 InstructProtein yes/no test sets", external)
     if args.protein_model:
         parts = {"protein": args.protein_model, "language": args.language_model, "text": args.text_encoder}
     else:
         build = [python, "training/build_tiny_parts.py", "--dataset_dir", str(paths["dataset"])]
-        timings["tiny parts"] = run("3/8 tiny parts", [*build, "--output_dir", str(paths["parts"]), *flag])
+        timings["tiny parts"] = run("3/9 tiny parts", [*build, "--output_dir", str(paths["parts"]), *flag])
         parts = {name: str(paths["parts"] / f"{name}_model") for name in ("protein", "language")}
         parts["text"] = str(paths["parts"] / "text_encoder")
 
     data = ["--dataset_name", str(paths["dataset"])]
     stage0 = [*training_command(args, "stage0_encoder_warmup.py", "stage0.yaml"), *data]
     stage0 += ["--protein_model_name_or_path", parts["protein"], "--text_encoder_name_or_path", parts["text"]]
-    timings["stage 0"] = run("4/8 stage 0: encoder warm-up", [*stage0, "--output_dir", str(paths["stage0"])])
+    timings["stage 0"] = run("4/9 stage 0: encoder warm-up", [*stage0, "--output_dir", str(paths["stage0"])])
     stage1 = [*training_command(args, "sft.py", "stage1.yaml"), *data]
     stage1 += ["--protein_model_name_or_path", parts["protein"], "--language_model_name_or_path", parts["language"]]
     stage1 += ["--encoder_warmup_dir", str(paths["stage0"]), "--output_dir", str(paths["stage1"])]
     stage1 += ["--protein_pooling", str(args.protein_pooling)]
-    timings["stage 1"] = run("5/8 stage 1: caption instructions", stage1)
+    timings["stage 1"] = run("5/9 stage 1: caption instructions", stage1)
     stage2 = [*training_command(args, "sft.py", "stage2.yaml"), *data]
     stage2 += ["--model_name_or_path", str(paths["stage1"]), "--output_dir", str(paths["stage2"])]
-    timings["stage 2"] = run("6/8 stage 2: MoE instruction tuning", stage2)
+    timings["stage 2"] = run("6/9 stage 2: MoE instruction tuning", stage2)
+    pure_llm = [*training_command(args, "pure_llm.py", "pure_llm.yaml"), *data]
+    pure_llm += ["--language_model_name_or_path", parts["language"], "--output_dir", str(paths["pure_llm"])]
+    timings["pure llm"] = run("7/9 PureLLM baseline: the LLM with the sequence as text, stage 2's data", pure_llm)
 
     evaluate = [python, "training/evaluate.py", "--model_name_or_path", str(paths["stage2"]), *data]
     evaluate += ["--output_dir", str(paths["evaluation"]), "--external_benchmarks", str(paths["instructprotein"])]
+    evaluate += ["--pure_llm_model_name_or_path", str(paths["pure_llm"])]
     evaluate += ["--device", args.device, *flag]
     if args.max_eval_samples:
         evaluate += ["--max_samples", str(args.max_eval_samples)]
     if args.bertscore_model:
         evaluate += ["--bertscore_model", args.bertscore_model]
-    timings["evaluation"] = run("7/8 evaluation with baselines", evaluate)
+    timings["evaluation"] = run("8/9 evaluation with baselines", evaluate)
 
-    print("\n== 8/8 Hub folder, reloaded in a fresh process", flush=True)
+    print("\n== 9/9 Hub folder, reloaded in a fresh process", flush=True)
     hub = write_card_and_folder(args, paths, timings)
     requests = out / "held_out_requests.json"
     requests.write_text(json.dumps(held_out_requests(paths["dataset"]), indent=2))
@@ -272,7 +283,8 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
     print(table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"))
     print(f"Hub-ready dataset folder:  {paths['dataset']} (README.md is its dataset card)")
     print(f"stage folders:             {paths['stage0']}, {paths['stage1']}, {paths['stage2']}")
-    curves = ", ".join(str(paths[stage] / "loss_curve.png") for stage in ("stage0", "stage1", "stage2"))
+    print(f"PureLLM baseline folder:   {paths['pure_llm']}")
+    curves = ", ".join(str(paths[stage] / "loss_curve.png") for stage in ("stage0", "stage1", "stage2", "pure_llm"))
     print(f"loss curves:               {curves}")
     for benchmark in ("heldout", "instructprotein"):
         folder = paths["evaluation"] / benchmark

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .configuration_sepit import PROTEIN_TOKEN
 from .processing_sepit import DEFAULT_CHAT_TEMPLATE
@@ -81,14 +81,17 @@ def load_pure_llm(
     """A PureLLM folder (`training/pure_llm.py`'s output) as model and tokenizer; a folder that is no PureLLM (no
     `<bop>`/`<eop>` tokens, no recorded `max_protein_length`) is a ValueError naming `what`."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     known = tokenizer.convert_tokens_to_ids([BEGIN_PROTEIN, END_PROTEIN])
-    if tokenizer.unk_token_id in known or None in known or not hasattr(model.config, "max_protein_length"):
+    if (
+        tokenizer.unk_token_id in known
+        or None in known
+        or not hasattr(AutoConfig.from_pretrained(name_or_path), "max_protein_length")
+    ):
         raise ValueError(
             f"{what}: {name_or_path} is not a PureLLM folder (no {BEGIN_PROTEIN}/{END_PROTEIN} tokens or no "
             "max_protein_length in its config); train one with training/pure_llm.py"
         )
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype), tokenizer
 
 
 __all__ = [

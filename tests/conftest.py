@@ -39,6 +39,7 @@ SCRIPTS = {
     "sft": ROOT / "training" / "sft.py",
     "stage0": ROOT / "training" / "stage0_encoder_warmup.py",
     "lora": ROOT / "training" / "finetune_lora.py",
+    "pure_llm": ROOT / "training" / "pure_llm.py",
 }
 PAD_ID = 0
 # Console scripts by name -> "module:function", as setup.cfg declares them (installed or not).

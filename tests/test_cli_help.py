@@ -20,6 +20,7 @@ CONFIG_DRIVEN = {
     "training/sft.py": "stage1.yaml",
     "training/finetune_lora.py": "lora.yaml",
     "training/stage0_encoder_warmup.py": "stage0.yaml",
+    "training/pure_llm.py": "pure_llm.yaml",
 }
 MAX_LINES = 80
 

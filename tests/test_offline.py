@@ -85,6 +85,7 @@ LONG_STEPS = {
     "sft": "load_model_and_processor",
     "stage0": "build_trainer",
     "lora": "SepitProcessor",
+    "pure_llm": "AutoTokenizer",
 }
 TRAIN = ["--output_dir", "{out}", "--use_cpu", "true", "--report_to", "none"]
 OFFLINE_CASES = [
@@ -113,6 +114,20 @@ OFFLINE_CASES = [
         "model_name_or_path",
         SEPIT,
         id="evaluate-model",
+    ),
+    pytest.param(
+        "pure_llm",
+        ["--dataset_name", "{tmp}", "--language_model_name_or_path", LLAMA, *TRAIN],
+        "language_model_name_or_path",
+        LLAMA,
+        id="pure-llm",
+    ),
+    pytest.param(
+        "evaluate",
+        ["--model_name_or_path", "{model}", "--output_dir", "{out}", "--pure_llm_model_name_or_path", LLAMA],
+        "pure_llm_model_name_or_path",
+        LLAMA,
+        id="evaluate-pure-llm",
     ),
     pytest.param(
         "evaluate",

@@ -1,9 +1,11 @@
-"""Evaluate a SEPIT model on a test split: batched greedy answers from the model and from the two baselines of the
-same harness (structure withheld; the LLM with no protein), scored with BLEU-1..4, ROUGE-1/2/L, METEOR, BERTScore
-and yes/no accuracy, overall and per question type. Only configuration lives here:
+"""Evaluate a SEPIT model on a test split: batched greedy answers from the model and from its baselines (the same
+model with the structure withheld; its LLM with no protein; with `--pure_llm_model_name_or_path`, the paper's PureLLM,
+an LLM fine-tuned with the sequence written as text, from `training/pure_llm.py`), scored with BLEU-1..4,
+ROUGE-1/2/L, METEOR, BERTScore and yes/no accuracy, overall and per question type. Only configuration lives here:
 
     python training/evaluate.py --model_name_or_path outputs/stage2 --dataset_name outputs/dataset \\
-        --output_dir outputs/evaluation [--external_benchmarks outputs/instructprotein]
+        --output_dir outputs/evaluation [--external_benchmarks outputs/instructprotein] \\
+        [--pure_llm_model_name_or_path outputs/pure-llm]
 
 Writes `<output_dir>/<benchmark>/metrics.{json,md,png}` and `predictions.jsonl` (question, reference, every system's
 answer), for the held-out split (`heldout`) and, when given, the InstructProtein yes/no sets (`instructprotein`,
@@ -21,14 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import atomic_folder, check_output_path
 from modeling_sepit.cli_sepit import check_dataset, check_device, script_parser
-from modeling_sepit.evaluation_sepit import SYSTEMS, generate_answers, is_closed
+from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT_SYSTEMS, SYSTEMS, generate_answers, is_closed
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
 from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
+from modeling_sepit.pure_llm import load_pure_llm
 
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"
 WRITER = "evaluate"
@@ -48,8 +52,14 @@ class EvaluationArguments:
     external_benchmarks: str | None = field(
         default=None, metadata={"help": "Folder written by dataset_card.external_benchmarks (InstructProtein)."}
     )
-    systems: list[str] = field(
-        default_factory=lambda: list(SYSTEMS), metadata={"help": f"Systems to compare: any of {list(SYSTEMS)}."}
+    pure_llm_model_name_or_path: str | None = field(
+        default=None, metadata={"help": f"PureLLM folder (training/pure_llm.py) answering as {PURE_LLM!r}."}
+    )
+    systems: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"Systems to compare: any of {list(SYSTEMS)}; default: all ({PURE_LLM!r} when its folder is given)."
+        },
     )
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     batch_size: int = field(default=8, metadata={"help": "Questions generated together."})
@@ -71,12 +81,23 @@ class EvaluationArguments:
     )
 
     def __post_init__(self) -> None:
-        local = Path(self.model_name_or_path)
-        if (local.is_absolute() or self.model_name_or_path.startswith(".")) and not local.is_dir():
-            raise ValueError(f"model_name_or_path: {local} is not a folder; give a SEPIT folder or a Hub id")
+        for name, what in (
+            ("model_name_or_path", "a SEPIT folder"),
+            ("pure_llm_model_name_or_path", "a PureLLM folder"),
+        ):
+            given = getattr(self, name)
+            if given and (Path(given).is_absolute() or given.startswith(".")) and not Path(given).is_dir():
+                raise ValueError(f"{name}: {given} is not a folder; give {what} or a Hub id")
+        if self.systems is None:
+            self.systems = list(SEPIT_SYSTEMS) + ([PURE_LLM] if self.pure_llm_model_name_or_path else [])
         unknown = set(self.systems) - set(SYSTEMS)
         if unknown or not self.systems:
             raise ValueError(f"systems: {sorted(unknown) or 'none given'}; choose from {list(SYSTEMS)}")
+        if (PURE_LLM in self.systems) != bool(self.pure_llm_model_name_or_path):
+            raise ValueError(
+                f"pure_llm_model_name_or_path: the {PURE_LLM!r} system and its folder go together; give both (the "
+                "folder from training/pure_llm.py) or neither"
+            )
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if self.batch_size < 1:
@@ -93,7 +114,13 @@ class EvaluationArguments:
     @property
     def inputs(self) -> list[str | None]:
         """What the evaluation reads: the output may not replace or lie inside any of them."""
-        return [self.model_name_or_path, self.dataset_name, self.external_benchmarks, self.bertscore_model]
+        return [
+            self.model_name_or_path,
+            self.pure_llm_model_name_or_path,
+            self.dataset_name,
+            self.external_benchmarks,
+            self.bertscore_model,
+        ]
 
 
 def question_rows(dataset_name: str, config: str, split: str | None) -> Dataset:
@@ -118,10 +145,18 @@ def evaluate_benchmark(
     args: EvaluationArguments,
     output_dir: Path,
     title: str,
+    pure_llm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> dict[str, dict]:
-    """Answers of every system to `rows`, their scores, and the report files in `output_dir` (a staging folder)."""
+    """Answers of every system to `rows`, their scores, and the report files in `output_dir` (a staging folder).
+    `pure_llm`: the PureLLM and its tokenizer, which answer as `PURE_LLM`."""
     answers = {
-        system: generate_answers(model, processor, rows, system, args.batch_size, args.max_new_tokens)
+        system: generate_answers(
+            *(pure_llm if system == PURE_LLM else (model, processor)),
+            rows,
+            system,
+            args.batch_size,
+            args.max_new_tokens,
+        )
         for system in args.systems
     }
     references = [row["answer"] for row in rows]
@@ -152,10 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         # offline: a missing Hub model stops here, not after generating every answer (BERTScore comes last)
         require_local_or_cached(args.model_name_or_path, "model_name_or_path")
+        require_local_or_cached(args.pure_llm_model_name_or_path, "pure_llm_model_name_or_path")
         require_local_or_cached(args.bertscore_model, "bertscore_model")
         processor = SepitProcessor.from_pretrained(args.model_name_or_path)
         model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
         model = model.to(args.device)
+        pure_llm = None
+        if args.pure_llm_model_name_or_path:
+            pure_model, tokenizer = load_pure_llm(args.pure_llm_model_name_or_path, args.dtype)
+            pure_llm = (pure_model.to(args.device), tokenizer)
         benchmarks = {"heldout": question_rows(args.dataset_name, args.dataset_config, args.split)}
         if args.external_benchmarks:
             benchmarks["instructprotein"] = question_rows(args.external_benchmarks, None, "test")
@@ -171,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             model_name = Path(args.model_name_or_path).name
             title = f"{name}: {model_name} on {len(dataset)} questions ({with_structure} with a structure)"
             (staging / name).mkdir()
-            evaluate_benchmark(model, processor, dataset.to_list(), args, staging / name, title)
+            evaluate_benchmark(model, processor, dataset.to_list(), args, staging / name, title, pure_llm)
     for name in benchmarks:
         print(f"{name}: {output_dir / name / 'metrics.md'}")
         print((output_dir / name / "metrics.md").read_text(encoding="utf-8"))

@@ -1,6 +1,6 @@
-"""The main job end to end with every stage cut to two steps: dataset, stages 0 -> 1 -> 2, evaluation with both
-baselines, the Hub-ready folder with its model card, the fresh-process reload answering held-out questions, and the
-push of model and dataset at the network boundary."""
+"""The main job end to end with every stage cut to two steps: dataset, stages 0 -> 1 -> 2, the PureLLM baseline,
+evaluation with every baseline, the Hub-ready folder with its model card, the fresh-process reload answering held-out
+questions, and the push of model and dataset at the network boundary."""
 
 import runpy
 from pathlib import Path
@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from modeling_sepit.evaluation_sepit import SYSTEMS
+from modeling_sepit.evaluation_sepit import PURE_LLM, SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[2]
 main_job = runpy.run_path(str(ROOT / "examples" / "main_job.py"))
@@ -30,11 +30,12 @@ def test_main_job_builds_trains_evaluates_publishes_and_reloads(tmp_path, capfd)
         assert main_job["main"](argv) == 0
     printed = capfd.readouterr().out
 
-    for stage in ("stage0", "stage1", "stage2"):
+    for stage in ("stage0", "stage1", "stage2", "pure-llm"):
         assert (output / stage / "loss_curve.png").stat().st_size > 1000
-    assert "| metric | " + " | ".join(SYSTEMS) + " |" in printed
+    assert "| metric | " + " | ".join(SYSTEMS) + " |" in printed  # SEPIT, its two baselines and PureLLM
     card = (output / "hub-model" / "README.md").read_text()
     assert "## Evaluation" in card and "| yes/no accuracy |" in card and "| split | proteins |" in card
+    assert f"| {PURE_LLM} |" in card and "PureLLM (the paper's baseline" in card
     assert (output / "hub-model" / "model.safetensors").is_file() and (output / "dataset" / "README.md").is_file()
     # The fresh process loaded the class from the folder's own code and answered all three requests.
     assert "(transformers_modules." in printed and printed.count("  answer:    ") == 3

@@ -1,18 +1,21 @@
-"""The evaluation harness: what each system sends to `generate` (structure, sequence only, no protein), answers in
-row order, batched answers equal one-by-one answers, and bad arguments named."""
+"""The evaluation harness: what each system sends to `generate` (structure, sequence only, no protein, the sequence
+as text to a PureLLM), answers in row order, batched answers equal one-by-one answers, and bad arguments named."""
 
 import pytest
 import torch
 from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.evaluation_sepit import (
     NO_PROTEIN,
+    PURE_LLM,
     SEPIT,
     STRUCTURE_WITHHELD,
     generate_answers,
     is_closed,
 )
+from modeling_sepit.pure_llm import prepare_pure_llm
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,39 @@ def test_bad_arguments_are_named(model_and_processor, rows) -> None:
 def test_closed_questions_are_the_yes_no_types() -> None:
     assert is_closed("yes_no:go_mf") and is_closed("yes_no:instructprotein_metal_ion_binding")
     assert not is_closed("function") and not is_closed("go_mf")
+
+
+@pytest.fixture(scope="module")
+def pure_llm(tiny_parts):
+    """The tiny LLM prepared as a PureLLM that writes 20 residues per protein."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_parts / "language_model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_parts / "language_model")
+    prepare_pure_llm(model, tokenizer, max_protein_length=20)
+    return model.eval(), tokenizer
+
+
+def test_the_pure_llm_reads_the_sequence_as_text_cut_as_it_was_trained(pure_llm, rows, monkeypatch) -> None:
+    model, tokenizer = pure_llm
+    calls = recorded_generate(model, monkeypatch)
+    answers = generate_answers(model, tokenizer, rows, PURE_LLM, batch_size=8, max_new_tokens=3, progress=False)
+    assert len(answers) == len(rows) and all(isinstance(answer, str) for answer in answers)
+    (call,) = calls
+    assert set(call) == {"input_ids", "attention_mask"}  # text only: no protein tensors, no coordinates
+    prompts = tokenizer.batch_decode(call["input_ids"], skip_special_tokens=False)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["sequence"]))
+    for prompt, i in zip(prompts, order, strict=True):
+        question = rows[i]["question"].replace("<protein>", f"<bop>{rows[i]['sequence'][:20]}<eop>")
+        assert prompt.endswith(f"{question} [/INST]")  # left-padded, SEPIT's prompt
+    one_by_one = [
+        generate_answers(model, tokenizer, [row], PURE_LLM, batch_size=1, max_new_tokens=3, progress=False)[0]
+        for row in rows
+    ]
+    assert answers == one_by_one
+
+
+def test_each_system_needs_its_own_model(model_and_processor, pure_llm, rows) -> None:
+    (model, processor), (pure_model, tokenizer) = model_and_processor, pure_llm
+    with pytest.raises(ValueError, match="processor: 'purellm, sequence as text' is answered by a PureLLM"):
+        generate_answers(model, processor, rows, PURE_LLM, progress=False)
+    with pytest.raises(ValueError, match="processor: 'sepit' is answered by a SEPIT model and its SepitProcessor"):
+        generate_answers(pure_model, tokenizer, rows, SEPIT, progress=False)
