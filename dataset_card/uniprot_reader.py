@@ -22,6 +22,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -440,10 +441,13 @@ def _parse_flat_record(text: str, terminated: bool) -> UniProtEntry | str:
     workers as is)."""
     if not terminated:
         return _TRUNCATED
-    handle = _LineTracker(drop_unread_lines(text))
+    kept = drop_unread_lines(text)
     try:
-        record = SwissProt.read(handle)
+        record = SwissProt.read(io.StringIO(kept))
     except Exception as error:  # noqa: BLE001 - any parser failure skips only this record
+        handle = _LineTracker(kept)  # read again, rarely, to name the line: tracking every line costs time
+        with suppress(Exception):  # the same failure, now with its line
+            SwissProt.read(handle)
         return f"{_line_name(handle.last)}: {type(error).__name__}: {error}"
     try:
         return checked_entry(entry_from_swissprot(record))
