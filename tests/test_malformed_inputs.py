@@ -785,7 +785,7 @@ def test_build_reports_a_binary_uniprot_file_and_builds_the_rest(tmp_path):
 # What a case that wrongly passes validation would start: replaced so that it fails at once instead of training.
 LONG_STEPS = {"evaluate": "evaluate_benchmark", "main_job": "run", "sft": "SepitSFTTrainer"}
 LONG_STEPS["stage0"] = "SepitPretrainingTrainer"
-LONG_STEPS["lora"] = "SFTTrainer"
+LONG_STEPS["lora"] = "SepitSFTTrainer"
 
 
 @pytest.fixture(scope="module")
