@@ -266,11 +266,22 @@ SFT_CASES = [
 ]
 
 
+STAGE0 = ["training/stage0_encoder_warmup.py", "--dataset_name", "none", "--protein_model_name_or_path", "p"]
+STAGE0 += ["--text_encoder_name_or_path", "t", "--output_dir", "{out}", "--report_to", "none"]
+SFT_CASES += [
+    pytest.param(
+        [*STAGE0, "--new_modules_lr_scale", "-1"], ["new_modules_lr_scale must be a finite number >= 0"], id="stage0"
+    )
+]
+
+
 @pytest.mark.parametrize(("argv", "fragments"), SFT_CASES)
-def test_sft_refuses_arguments_that_would_train_something_else(tmp_path, argv, fragments):
-    code, _, err = run_command_line([arg.format(out=tmp_path / "out") for arg in SFT] + argv)
+def test_trainers_refuse_arguments_that_would_train_something_else(tmp_path, argv, fragments):
+    argv = argv if argv[0].endswith(".py") else SFT + argv
+    code, _, err = run_command_line([arg.format(out=tmp_path / "out") for arg in argv])
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("sft: error: "), err
+    script = argv[0].removeprefix("training/").removesuffix(".py")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{script}: error: "), err
     for fragment in fragments:
         assert fragment in lines[0]
 

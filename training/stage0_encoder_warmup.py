@@ -33,7 +33,13 @@ from modeling_sepit.cli_sepit import (
 )
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
-from modeling_sepit.training_sepit import AtomicCheckpointMixin, end_training, mega_batch_steps, save_loss_plot
+from modeling_sepit.training_sepit import (
+    AtomicCheckpointMixin,
+    check_lr_scale,
+    end_training,
+    mega_batch_steps,
+    save_loss_plot,
+)
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
 MODEL_OVERRIDES = (
@@ -105,6 +111,7 @@ class Stage0Arguments:
         given = [name for name in MODEL_OVERRIDES if getattr(self, name) is not None]
         if self.model_name_or_path and given:
             raise ValueError(f"{given}: these build a new model; a continued model keeps its saved config")
+        check_lr_scale("new_modules_lr_scale", self.new_modules_lr_scale)
         if self.max_protein_length < 1 or self.max_caption_length < 1:
             raise ValueError(
                 f"max_protein_length and max_caption_length must be >= 1, got {self.max_protein_length} and "
