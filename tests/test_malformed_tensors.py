@@ -251,7 +251,8 @@ def test_generate_refuses_counts_that_are_not_integers(model, batch_of, call, fr
 
 
 SFT = ["training/sft.py", "--dataset_name", "none", "--protein_model_name_or_path", "p"]
-SFT += ["--language_model_name_or_path", "l", "--output_dir", "{out}", "--report_to", "none"]
+SFT += ["--language_model_name_or_path", "l", "--output_dir", "{out}", "--report_to", "none", "--use_cpu", "true"]
+SFT += ["--bf16", "false"]
 
 SFT_CASES = [
     pytest.param(
@@ -263,6 +264,10 @@ SFT_CASES = [
     pytest.param(["--language_model_lr_scale", "-1"], ["language_model_lr_scale", ">= 0"], id="neg-llm-scale"),
     pytest.param(["--num_experts_per_tok", "2"], ["num_experts_per_tok=2 needs num_experts"], id="top-k-dense"),
     pytest.param(["--num_experts", "2", "--num_experts_per_tok", "3"], ["[1, num_experts=2]"], id="top-k-above"),
+    pytest.param(
+        ["--router_aux_loss_coef", "-0.01"], ["router_aux_loss_coef must be a finite number >= 0"], id="neg-aux"
+    ),
+    pytest.param(["--router_aux_loss_coef", "inf"], ["router_aux_loss_coef", "finite"], id="inf-aux"),
 ]
 
 

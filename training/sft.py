@@ -10,6 +10,7 @@ here; the recipes in `recipes/` set everything:
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,11 +183,12 @@ def load_model_and_processor(
     if args.encoder_warmup_dir:
         load_pretrained_encoder(model, args.encoder_warmup_dir)
     if args.num_experts:
-        # SFTTrainer adds the load-balancing loss, weighted by SFTConfig.router_aux_loss_coef or by this default.
+        # SFTTrainer adds the load-balancing loss, weighted by SFTConfig.router_aux_loss_coef, 0.01 when unset (an
+        # explicit 0 turns it off: not a value to replace).
         model.upcycle_to_moe(
             args.num_experts,
             args.num_experts_per_tok,
-            router_aux_loss_coef=router_aux_loss_coef or 0.01,
+            router_aux_loss_coef=0.01 if router_aux_loss_coef is None else router_aux_loss_coef,
             expert_capacity_factor=args.expert_capacity_factor,
             expert_eval_capacity_factor=args.expert_eval_capacity_factor,
         )
@@ -198,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = script_parser((SepitSFTArguments, SFTConfig), __doc__, SFT_CONFIG_DOCS)
     try:
         script_args, training_args = parser.parse_args_and_config(args=argv)
+        coefficient = training_args.router_aux_loss_coef
+        if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
+            raise ValueError(
+                f"router_aux_loss_coef must be a finite number >= 0 (0: no load balancing), got {coefficient}"
+            )
         models = ("model_name_or_path", "protein_model_name_or_path", "language_model_name_or_path")
         for name in (*models, "encoder_warmup_dir"):
             require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
