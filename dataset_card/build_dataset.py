@@ -1,11 +1,12 @@
 """Build the SEPIT instruction dataset: UniProtKB entries (+ structures) -> Parquet `DatasetDict` folder with its card.
 
 Two passes keep memory bounded by the corpus' sequences rather than its annotations: the first streams the entries
-once, keeping only accession and sequence (for homology clustering) and a bounded sample of property values (for
-yes/no negatives) while spooling the entries to disk; the second streams the spool and writes rows straight into
-Parquet files per config and split. The output folder appears all at once (atomic rename). Every dataset written
-loads with `load_dataset(folder, config)` and trains: a split with no row is left out of the folder and its card, and
-a build whose train split would be empty in either config is refused with the reason.
+once, keeping only accession, sequence and whether a structure was attached (for homology clustering and splits
+stratified by structure) and a bounded sample of property values (for yes/no negatives) while spooling the entries
+and their attached coordinates to disk (each structure file is parsed once); the second streams the spool and writes
+rows straight into Parquet files per config and split. The output folder appears all at once (atomic rename). Every
+dataset written loads with `load_dataset(folder, config)` and trains: a split with no row is left out of the folder
+and its card, and a build whose train split would be empty in either config is refused with the reason.
 
     python -m dataset_card.build_dataset --output_dir outputs/dataset            # the bundled demo corpus
     python -m dataset_card.build_dataset --uniprot uniprot_sprot.dat.gz --structures afdb/ \\
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from datasets import Features, List, Value
 from datasets.arrow_writer import ParquetWriter
 from huggingface_hub import constants
@@ -190,24 +192,50 @@ def _distinct_entries(args: BuildArguments, report: ReadReport) -> Iterator[UniP
                 return
 
 
-def _spool_entries(args: BuildArguments, spool: Path, report: ReadReport, pools: ValuePools) -> list[tuple[str, str]]:
-    """Pass 1: spool entries to JSON lines; return (accession, sequence) of each, in order."""
-    proteins = []
-    with spool.open("w", encoding="utf-8") as handle:
+def _coordinates_spool(spool: Path) -> Path:
+    return spool.with_suffix(".coords")
+
+
+def _spool_entries(
+    args: BuildArguments, spool: Path, index: StructureIndex | None, report: ReadReport, pools: ValuePools
+) -> tuple[list[tuple[str, str]], list[bool]]:
+    """Pass 1: spool entries to JSON lines and their attached structures to a binary file (float32 coordinates, then
+    the mask, one residue per sequence letter); return (accession, sequence) and whether it has a structure, per entry.
+    Attaching here, not in pass 2, lets the split see the structures without parsing any file twice."""
+    proteins, with_structure = [], []
+    with spool.open("w", encoding="utf-8") as handle, _coordinates_spool(spool).open("wb") as coordinates:
         for entry in tqdm(_distinct_entries(args, report), desc="reading UniProt entries", unit=" entries"):
-            handle.write(json.dumps(asdict(entry)) + "\n")
+            structure = index.attach(entry.accession, entry.sequence) if index else None
+            source = structure.source if structure else None
+            handle.write(json.dumps({"entry": asdict(entry), "structure_source": source}) + "\n")
+            if structure:
+                coordinates.write(structure.coords.astype("<f4").tobytes())
+                coordinates.write(structure.coords_mask.astype(np.bool_).tobytes())
             pools.add(entry)
             proteins.append((entry.accession, entry.sequence))
-    return proteins
+            with_structure.append(structure is not None)
+    return proteins, with_structure
 
 
-def _assign_splits(args: BuildArguments, proteins: list[tuple[str, str]]) -> list[str]:
+def _read_spool(spool: Path) -> Iterator[tuple[UniProtEntry, AttachedStructure | None]]:
+    """Pass 2's view of what pass 1 spooled: each entry and its attached structure, in order."""
+    with spool.open(encoding="utf-8") as handle, _coordinates_spool(spool).open("rb") as coordinates:
+        for line in handle:
+            record = json.loads(line)
+            entry, structure = UniProtEntry(**record["entry"]), None
+            if record["structure_source"]:
+                residues = len(entry.sequence)
+                coords = np.frombuffer(coordinates.read(12 * residues), dtype="<f4").reshape(residues, 3)
+                mask = np.frombuffer(coordinates.read(residues), dtype=np.bool_)
+                structure = AttachedStructure(coords, mask, record["structure_source"])
+            yield entry, structure
+
+
+def _cluster(args: BuildArguments, proteins: list[tuple[str, str]]) -> list[int]:
     accessions, sequences = zip(*proteins, strict=True)
     if args.clusters_tsv:
-        clusters = read_cluster_tsv(args.clusters_tsv, accessions)
-    else:
-        clusters = cluster_by_identity(sequences, threshold=args.identity_threshold)
-    return split_clusters(clusters, fractions=tuple(args.split_fractions), seed=args.seed)
+        return read_cluster_tsv(args.clusters_tsv, accessions)
+    return cluster_by_identity(sequences, threshold=args.identity_threshold)
 
 
 def _measure_leakage(proteins: list[tuple[str, str]], splits: list[str], threshold: float) -> dict[str, CrossIdentity]:
@@ -237,13 +265,7 @@ def _rows(entry: UniProtEntry, structure: AttachedStructure | None, pools: Value
 
 
 def _write_rows(
-    staging: Path,
-    spool: Path,
-    splits: list[str],
-    index: StructureIndex | None,
-    pools: ValuePools,
-    seed: int,
-    statistics: DatasetStatistics,
+    staging: Path, spool: Path, splits: list[str], pools: ValuePools, seed: int, statistics: DatasetStatistics
 ) -> None:
     """Pass 2: stream the spooled entries into one Parquet file per (config, split), with the Features embedded."""
     rng = random.Random(seed)
@@ -253,14 +275,12 @@ def _write_rows(
         for split in SPLITS:
             path = staging / config / f"{split}-00000-of-00001.parquet"
             writers[config, split] = ParquetWriter(features=FEATURES[config], path=str(path))
-    with spool.open(encoding="utf-8") as handle:
-        for line, split in tqdm(zip(handle, splits, strict=True), total=len(splits), desc="writing instructions"):
-            entry = UniProtEntry(**json.loads(line))
-            structure = index.attach(entry.accession, entry.sequence) if index else None
-            statistics.add_protein(split, len(entry.sequence), structure is not None)
-            for config, row, instruction in _rows(entry, structure, pools, rng):
-                writers[config, split].write(row)
-                statistics.add_row(config, split, instruction.type, instruction.answer)
+    spooled = zip(_read_spool(spool), splits, strict=True)
+    for (entry, structure), split in tqdm(spooled, total=len(splits), desc="writing instructions"):
+        statistics.add_protein(split, len(entry.sequence), structure is not None)
+        for config, row, instruction in _rows(entry, structure, pools, rng):
+            writers[config, split].write(row)
+            statistics.add_row(config, split, instruction.type, instruction.answer)
     for (config, split), writer in writers.items():
         examples, size = writer.finalize()  # for the card's info
         writer.close()
@@ -297,18 +317,21 @@ def build_dataset(args: BuildArguments, report: ReadReport | None = None) -> Bui
     with atomic_folder(args.output_dir, "build_dataset", inputs, args.overwrite) as staging:
         index = StructureIndex.scan(args.structures, report) if args.structures else None
         spool = staging / "entries.jsonl"
-        proteins = _spool_entries(args, spool, report, pools)
+        proteins, with_structure = _spool_entries(args, spool, index, report, pools)
         if not proteins:
             raise ValueError(f"uniprot: no readable entry in {args.uniprot}; {len(report.problems)} problems reported")
-        splits = _assign_splits(args, proteins)
+        clusters = _cluster(args, proteins)
+        splits = split_clusters(clusters, tuple(args.split_fractions), args.seed, with_structure)
         statistics = DatasetStatistics(
             threshold=args.identity_threshold,
             identity=_measure_leakage(proteins, splits, args.identity_threshold),
             clusters_from=args.clusters_tsv,
+            structure_clusters=len({c for c, flag in zip(clusters, with_structure, strict=True) if flag}),
         )
-        _write_rows(staging, spool, splits, index, pools, args.seed, statistics)
+        _write_rows(staging, spool, splits, pools, args.seed, statistics)
         _check_trainable(statistics, len(proteins))
         spool.unlink()
+        _coordinates_spool(spool).unlink()
         statistics.problems = len(report.problems)
         write_card(staging, statistics, FEATURES)
     return BuildResult(Path(args.output_dir), statistics, report)

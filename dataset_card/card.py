@@ -24,11 +24,13 @@ _BAR_WIDTH = 40
 
 @dataclass
 class DatasetStatistics:
-    """Counts per split, config and question type, sequence-length histogram and measured test-to-train identity."""
+    """Counts per split, config and question type, sequence-length histogram and measured test-to-train identity;
+    `structure_clusters` is how many homology clusters hold a protein with a structure (what the split can spread)."""
 
     threshold: float
     identity: dict[str, CrossIdentity]
     clusters_from: str | None = None
+    structure_clusters: int = 0
     problems: int = 0
     proteins: Counter = field(default_factory=Counter)
     with_structure: Counter = field(default_factory=Counter)
@@ -96,8 +98,8 @@ class DatasetStatistics:
         held_out = ", ".join(f"{split} {m.max_identity:.2%}" for split, m in self.identity.items())
         return (
             f"{self.split_table()}\n\n{self.type_table()}\n\n"
-            f"max identity to train (threshold {self.threshold:.0%}): {held_out or 'n/a'}; problems reported: "
-            f"{self.problems}"
+            f"max identity to train (threshold {self.threshold:.0%}): {held_out or 'n/a'}; clusters with a structure: "
+            f"{self.structure_clusters}; problems reported: {self.problems}"
         )
 
 
@@ -167,6 +169,7 @@ def write_card(folder: Path, statistics: DatasetStatistics, features: dict[str, 
         identity_threshold=f"{statistics.threshold:.0%}",
         identity_text=statistics.identity_text(),
         clusters=clusters,
+        structure_clusters=statistics.structure_clusters,
         problems=statistics.problems,
         yes_fraction=f"{statistics.yes_fraction():.1%}",
         features="\n".join(

@@ -21,7 +21,8 @@ Only pairs whose bounds reach the threshold are aligned with traceback, so the r
 (checked against exhaustive alignment on the demo corpus) at a fraction of the cost.
 
 Proteins are clustered as connected components (single linkage) of the pairs at or above the threshold, and whole
-clusters go to one split, which is what guarantees the split property. All-pairs alignment is quadratic; at
+clusters go to one split, which is what guarantees the split property; the clusters holding a protein with a
+structure are spread over the splits first, so that each split has some. All-pairs alignment is quadratic; at
 Swiss-Prot scale, cluster with MMseqs2 instead (`mmseqs easy-cluster proteins.fasta clusters tmp --min-seq-id 0.5`,
 read its `clusters_cluster.tsv` with `read_cluster_tsv`) and check the result with `max_cross_identity`.
 """
@@ -337,40 +338,82 @@ def read_cluster_tsv(path: str | Path, accessions: Sequence[str]) -> list[int]:
 
 
 def split_clusters(
-    cluster_ids: Sequence[Hashable], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+    cluster_ids: Sequence[Hashable],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    with_structure: Sequence[bool] | None = None,
 ) -> list[str]:
     """'train' / 'validation' / 'test' per protein, whole clusters at a time, aiming at `fractions` of proteins.
 
     Clusters go largest first (ties in seeded random order) to the split furthest below its share. With three or
     more clusters, validation and test (when their fraction is not zero) get at least one cluster each, taken from
     the split with the most clusters, so a tiny corpus still yields a non-empty test set.
+
+    `with_structure` (one flag per protein) stratifies the split: the clusters holding a protein with a structure are
+    placed first, the same way among themselves, so that with three or more of them every held-out split has one and a
+    "structure withheld" comparison on it measures something; the other clusters then fill each split up to its share.
     """
     if len(fractions) != len(SPLITS) or any(not 0.0 <= share <= 1.0 for share in fractions):
         raise ValueError(f"fractions must be three shares in [0, 1] for {SPLITS}, got {tuple(fractions)!r}")
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
         raise ValueError(f"fractions must sum to 1 (train, validation, test), got {tuple(fractions)!r}")
+    if with_structure is not None and len(with_structure) != len(cluster_ids):
+        raise ValueError(
+            f"with_structure must have one flag per protein: {len(with_structure)} flags for {len(cluster_ids)} "
+            "cluster ids"
+        )
     sizes: dict[Hashable, int] = {}
     for cluster in cluster_ids:
         sizes[cluster] = sizes.get(cluster, 0) + 1
     order = list(sizes)
     random.Random(seed).shuffle(order)
     order.sort(key=lambda cluster: sizes[cluster], reverse=True)
+    structured: set[Hashable] = set()
+    if with_structure is not None:
+        structured = {cluster for cluster, flag in zip(cluster_ids, with_structure, strict=True) if flag}
 
     members: list[list[Hashable]] = [[] for _ in SPLITS]
     counts = [0] * len(SPLITS)
-    for cluster in order:
-        split = max(range(len(SPLITS)), key=lambda k: fractions[k] * len(cluster_ids) - counts[k])
-        members[split].append(cluster)
-        counts[split] += sizes[cluster]
+    first = [cluster for cluster in order if cluster in structured]
+    first_proteins = sum(sizes[cluster] for cluster in first)
+    _fill(first, sizes, [share * first_proteins for share in fractions], members, counts)
+    if len(first) >= len(SPLITS):
+        _give_held_out_splits_one(members, counts, sizes, fractions)
+    rest = [cluster for cluster in order if cluster not in structured]
+    _fill(rest, sizes, [share * len(cluster_ids) for share in fractions], members, counts)
     if len(order) >= len(SPLITS):
-        for split in (1, 2):
-            if fractions[split] > 0 and not members[split]:
-                donor = max(range(len(SPLITS)), key=lambda k: len(members[k]))
-                smallest = min(members[donor], key=lambda cluster: sizes[cluster])
-                members[donor].remove(smallest)
-                members[split].append(smallest)
+        _give_held_out_splits_one(members, counts, sizes, fractions)
     split_of = {cluster: SPLITS[k] for k, clusters in enumerate(members) for cluster in clusters}
     return [split_of[cluster] for cluster in cluster_ids]
+
+
+def _fill(
+    clusters: Sequence[Hashable],
+    sizes: dict[Hashable, int],
+    targets: Sequence[float],
+    members: list[list[Hashable]],
+    counts: list[int],
+) -> None:
+    """Each cluster, in order, to the split furthest below its target number of proteins (`counts` so far)."""
+    for cluster in clusters:
+        split = max(range(len(SPLITS)), key=lambda k: targets[k] - counts[k])
+        members[split].append(cluster)
+        counts[split] += sizes[cluster]
+
+
+def _give_held_out_splits_one(
+    members: list[list[Hashable]], counts: list[int], sizes: dict[Hashable, int], fractions: Sequence[float]
+) -> None:
+    """Validation and test, where their fraction is not zero, get a cluster if they have none: the smallest of the
+    split holding the most (the caller makes sure there are three or more, so no split is left empty)."""
+    for split in (1, 2):
+        if fractions[split] > 0 and not members[split]:
+            donor = max(range(len(SPLITS)), key=lambda k: len(members[k]))
+            smallest = min(members[donor], key=lambda cluster: sizes[cluster])
+            members[donor].remove(smallest)
+            members[split].append(smallest)
+            counts[donor] -= sizes[smallest]
+            counts[split] += sizes[smallest]
 
 
 def max_cross_identity(

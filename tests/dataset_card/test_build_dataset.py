@@ -12,9 +12,20 @@ from Bio.Align import PairwiseAligner, substitution_matrices
 from datasets import load_dataset
 from huggingface_hub import DatasetCard
 
-from dataset_card.build_dataset import DEMO_STRUCTURES, FEATURES, BuildArguments, build_dataset, main
+from dataset_card.build_dataset import (
+    DEMO_STRUCTURES,
+    DEMO_UNIPROT,
+    FEATURES,
+    SPLITS,
+    BuildArguments,
+    BuildResult,
+    build_dataset,
+    main,
+)
 from dataset_card.card import push_dataset
+from dataset_card.homology import cluster_by_identity, split_clusters
 from dataset_card.instructions import OPEN_ENDED, YES_NO, caption
+from dataset_card.structures import StructureIndex
 from dataset_card.uniprot_reader import iter_entries
 from tests.conftest import FIXTURES
 
@@ -218,3 +229,75 @@ def test_folders_of_the_same_name_load_their_own_rows(built, tmp_path) -> None:
     card = DatasetCard.load(other / "README.md").data.to_dict()
     info = {entry["config_name"]: entry for entry in card["dataset_info"]}
     assert {split["name"]: split["num_examples"] for split in info["instructions"]["splits"]}["train"] == len(second)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the bundled demo corpus: splits stratified by structure
+
+# Accessions of the demo corpus with a structure file (dataset_card/data/structures/SOURCES.md), each in its own
+# homology cluster: six clusters to spread over three splits.
+DEMO_WITH_STRUCTURE = {"P00698", "P05067", "P10599", "Q42449", "P00711", "P02769"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> BuildResult:
+    """The demo dataset as the main job builds it (all defaults, seed 0)."""
+    return build_dataset(BuildArguments(output_dir=str(tmp_path_factory.mktemp("demo") / "dataset")))
+
+
+@pytest.fixture(scope="module")
+def demo_splits(demo) -> dict[str, str]:
+    """Split of every demo protein that has a row in either config."""
+    return {
+        row["accession"]: split
+        for config in ("captions", "instructions")
+        for split, rows in load_dataset(str(demo.output_dir), config).items()
+        for row in rows.select_columns(["accession"])
+    }
+
+
+def test_demo_has_proteins_with_a_structure_in_every_split(demo, demo_splits) -> None:
+    statistics = demo.statistics
+    assert statistics.structure_clusters == len(DEMO_WITH_STRUCTURE) == sum(statistics.with_structure.values())
+    assert all(statistics.with_structure[split] >= 1 for split in SPLITS), statistics.with_structure
+    assert {demo_splits[accession] for accession in DEMO_WITH_STRUCTURE} == set(SPLITS)
+    total = sum(statistics.proteins.values())
+    assert total == 216
+    for split, share in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
+        assert abs(statistics.proteins[split] - share * total) <= 2  # 173 / 22 / 21, as before stratifying
+    for held_out in ("validation", "test"):
+        assert statistics.identity[held_out].max_identity < 0.5
+    text = DatasetCard.load(demo.output_dir / "README.md").text
+    for split in SPLITS:
+        assert f"| {split} | {statistics.proteins[split]} | {statistics.with_structure[split]} |" in text
+    assert f"with a structure ({len(DEMO_WITH_STRUCTURE)} in this build)" in text
+
+
+def test_demo_split_is_the_seeded_stratified_split_of_its_clusters(demo_splits) -> None:
+    """Recomputed from the corpus in the builder's order: the same clusters, flags and seed give the demo's split;
+    another seed gives another split with the same guarantees."""
+    proteins = {}
+    for path in DEMO_UNIPROT:
+        for entry in iter_entries(path):
+            proteins.setdefault(entry.accession, entry.sequence)
+    accessions = list(proteins)
+    clusters = cluster_by_identity(list(proteins.values()), threads=2)
+    flags = [accession in DEMO_WITH_STRUCTURE for accession in accessions]
+    splits = {seed: split_clusters(clusters, (0.8, 0.1, 0.1), seed, flags) for seed in (0, 1)}
+    assert splits[0] == split_clusters(clusters, (0.8, 0.1, 0.1), 0, flags)
+    assert {a: s for a, s in zip(accessions, splits[0], strict=True) if a in demo_splits} == demo_splits
+    assert splits[1] != splits[0]
+    assert {s for s, flag in zip(splits[1], flags, strict=True) if flag} == set(SPLITS)
+
+
+def test_demo_coordinates_are_those_of_the_structure_files(demo) -> None:
+    """Attached once in pass 1 and spooled to disk, the coordinates reach the rows bit for bit."""
+    index = StructureIndex.scan(DEMO_STRUCTURES)
+    rows = load_dataset(str(demo.output_dir), "captions")
+    with_structure = [row for split in rows.values() for row in split if row["structure_source"]]
+    assert {row["accession"] for row in with_structure} == DEMO_WITH_STRUCTURE
+    for row in with_structure:
+        attached = index.attach(row["accession"], row["sequence"])
+        assert row["structure_source"] == attached.source
+        np.testing.assert_array_equal(np.array(row["coords"], dtype=np.float32), attached.coords)
+        np.testing.assert_array_equal(np.array(row["coords_mask"]), attached.coords_mask)

@@ -199,6 +199,50 @@ def test_few_clusters_still_give_validation_and_test() -> None:
     assert split_clusters([]) == []
 
 
+# Synthetic clusters 0-29 of 1 to 6 proteins (cluster c has 1 + c % 6); a structure in one protein of each of
+# clusters 5, 11 and 17 (three of the largest, which an unstratified split sends to train first) and of cluster 0.
+SYNTHETIC = [cluster for cluster in range(30) for _ in range(1 + cluster % 6)]
+STRUCTURED = {0, 5, 11, 17}
+
+
+def structure_flags(cluster_ids: list[int], structured: set[int]) -> list[bool]:
+    """One protein with a structure (the first member) per cluster in `structured`."""
+    return [c in structured and cluster_ids.index(c) == k for k, c in enumerate(cluster_ids)]
+
+
+def structured_splits(splits: list[str], flags: list[bool]) -> set[str]:
+    return {split for split, flag in zip(splits, flags, strict=True) if flag}
+
+
+@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.6, 0.2, 0.2), (0.7, 0.0, 0.3)])
+def test_clusters_with_a_structure_reach_every_split_first(fractions) -> None:
+    flags = structure_flags(SYNTHETIC, STRUCTURED)
+    wanted = {split for split, share in zip(("train", "validation", "test"), fractions, strict=True) if share}
+    for seed in range(4):
+        splits = split_clusters(SYNTHETIC, fractions, seed, flags)
+        assert splits == split_clusters(SYNTHETIC, fractions, seed, flags)
+        assert structured_splits(splits, flags) == wanted
+        assert len(set(zip(SYNTHETIC, splits, strict=True))) == 30  # whole clusters: one split each
+        for split, share in zip(("train", "validation", "test"), fractions, strict=True):
+            assert abs(splits.count(split) - share * len(SYNTHETIC)) <= 6  # the largest cluster
+    assert len({tuple(split_clusters(SYNTHETIC, fractions, seed, flags)) for seed in range(4)}) > 1
+
+
+def test_stratification_needs_three_clusters_with_a_structure() -> None:
+    no_structure = [False] * len(SYNTHETIC)
+    for seed in range(3):
+        plain = split_clusters(SYNTHETIC, seed=seed)
+        assert structured_splits(plain, structure_flags(SYNTHETIC, {5, 11, 17})) == {"train"}  # what it fixes
+        assert split_clusters(SYNTHETIC, seed=seed, with_structure=no_structure) == plain
+        flags = structure_flags(SYNTHETIC, {5, 11})  # two: placed first, by share, none taken from train
+        assert structured_splits(split_clusters(SYNTHETIC, seed=seed, with_structure=flags), flags) == {"train"}
+    three = [True, True, False, True, False]  # five singletons, three with a structure: one per split
+    splits = split_clusters([0, 1, 2, 3, 4], seed=0, with_structure=three)
+    assert structured_splits(splits, three) == {"train", "validation", "test"} and splits.count("train") == 3
+    with pytest.raises(ValueError, match="with_structure must have one flag per protein: 2 flags for 3"):
+        split_clusters([0, 1, 2], with_structure=[True, False])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # MMseqs2 clusters and bad input
 
