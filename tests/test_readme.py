@@ -21,6 +21,7 @@ STAND_INS = {
     "facebook/esm2_t33_650M_UR50D": "protein_model",
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": "language_model",
     "outputs/main/hub-model": "hub_model",  # what `./run.sh main` writes
+    "me/sepit-tiny-lora": "hub_model",  # what a Hub fine-tuning job pushes (a folder of the same kind)
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
