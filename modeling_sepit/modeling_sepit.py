@@ -11,6 +11,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, EsmModel, GenerationConfig, GenerationMixin, PreTrainedModel
@@ -183,24 +186,41 @@ class SepitPreTrainedModel(PreTrainedModel):
         With the remote code, the `protein-qa` pipeline's code is written too (and `custom_pipelines` only then), so
         the standard pair `model.save_pretrained` + `processor.save_pretrained`, and `push_to_hub`, give a folder
         that builds its own pipeline with `trust_remote_code=True`."""
-        pipeline_code = Path(__file__).with_name(PIPELINE_FILE)
+        pipeline_code = self._pipeline_code()
         if getattr(type(self), "_auto_class", None) is not None:
             # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map["AutoModelForCausalLM"] = f"modeling_sepit.{SepitForConditionalGeneration.__name__}"
             self.config.auto_map = auto_map
-            if pipeline_code.is_file():
+            if pipeline_code is not None:
                 self.config.custom_pipelines = CUSTOM_PIPELINES
-        if not pipeline_code.is_file() and getattr(self.config, "custom_pipelines", None):
-            # A copy of the remote code that lacks the pipeline file cannot promise the pipeline.
-            logger.warning(f"{PIPELINE_FILE} is not next to {Path(__file__).name}: the folder gets no protein-qa code")
+        if pipeline_code is None and getattr(self.config, "custom_pipelines", None):
+            # Without the pipeline's code the folder cannot promise the pipeline.
+            logger.warning(f"{PIPELINE_FILE} was not found: the folder gets no protein-qa code")
             del self.config.custom_pipelines
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
-        if getattr(self.config, "custom_pipelines", None) and pipeline_code.is_file():
+        if getattr(self.config, "custom_pipelines", None) and pipeline_code is not None:
             for source in [pipeline_code, *get_relative_import_files(str(pipeline_code))]:
                 destination = Path(save_directory, Path(source).name)
                 if not destination.exists():
                     shutil.copy(source, destination)
+
+    def _pipeline_code(self) -> Path | None:
+        """The `protein-qa` pipeline's code: next to this file (the package), else in the folder or Hub repository
+        the model was loaded from (with `trust_remote_code`, transformers' module cache holds only the modeling code
+        and what it imports); None when neither has it."""
+        here = Path(__file__).with_name(PIPELINE_FILE)
+        if here.is_file():
+            return here
+        source = str(getattr(self, "name_or_path", "") or "")
+        if Path(source, PIPELINE_FILE).is_file():
+            return Path(source, PIPELINE_FILE)
+        try:
+            validate_repo_id(source)
+            folder = snapshot_download(source, allow_patterns=["*.py"])
+        except (HFValidationError, OSError, ValueError):  # not a repository id, offline and not cached, ...
+            return None
+        return Path(folder, PIPELINE_FILE) if Path(folder, PIPELINE_FILE).is_file() else None
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         """As transformers', but layers that reentrant checkpointing would get wrong use `use_reentrant=False`: the

@@ -753,3 +753,32 @@ def test_sequence_only_ablation_has_no_structure_module(prompt, tmp_path, caplog
     assert reloaded.config.sequence_only and reloaded.model.structure_module is None
     with pytest.raises(ValueError, match="sequence_only=True needs original_compat=False"):
         tiny_config(sequence_only=True, original_compat=True)
+
+
+RESAVE_CHECK = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.modules["modeling_sepit"] = None  # only the folder's own code, from transformers' module cache
+    from transformers import AutoModel, AutoProcessor, pipeline
+    folder, again = sys.argv[1:]
+    AutoModel.from_pretrained(folder, trust_remote_code=True).save_pretrained(again)
+    AutoProcessor.from_pretrained(folder, trust_remote_code=True).save_pretrained(again)
+    assert os.path.isfile(os.path.join(again, "pipeline_protein_qa.py"))
+    qa = pipeline("protein-qa", model=again, trust_remote_code=True)
+    print(json.dumps(qa({"question": "What is <protein> ?", "sequence": "MKTAYIAKQR"}, max_new_tokens=2)))
+    """
+)
+
+
+def test_a_remote_code_model_saved_again_keeps_its_pipeline(tmp_path, tiny_parts):
+    """Loaded with `trust_remote_code` (the module cache holds only the modeling code), the model finds the pipeline
+    code in the folder it came from, so a fine-tuned copy saved again still builds its pipeline."""
+    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
+    model = SepitForConditionalGeneration.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model"
+    )
+    model.save_pretrained(tmp_path / "first")
+    processor.save_pretrained(tmp_path / "first")
+    output = run_in_fresh_python(RESAVE_CHECK, [str(tmp_path / "first"), str(tmp_path / "again")], tmp_path)
+    assert isinstance(json.loads(output.splitlines()[-1])[0]["answer"], str)
+    assert "protein-qa" in json.loads((tmp_path / "again" / "config.json").read_text())["custom_pipelines"]
