@@ -103,41 +103,35 @@ class DatasetStatistics:
         )
 
 
-def _size_category(count: int) -> str:
+def size_category(count: int) -> str:
+    """The Hub's size_categories label for a dataset of `count` rows."""
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if count < limit:
             return label
     return "1M<n<10M"
 
 
-def write_card(folder: Path, statistics: DatasetStatistics, features: dict[str, Features]) -> DatasetCard:
-    """Fill the template with this build's figures; the YAML header declares both configs and their Parquet files,
-    each split that has rows (`load_dataset` refuses a declared split without data)."""
-    configs = [
+def declare_configs(
+    card_data: DatasetCardData,
+    features: dict[str, Features],
+    split_sizes: dict[str, dict[str, tuple[int, int]]],
+    default: str = "instructions",
+) -> None:
+    """Put into the card's YAML header each config's Parquet files, one entry per split that has rows (`load_dataset`
+    refuses a declared split without data), and the split sizes (`split_sizes[config][split]` = rows, bytes).
+
+    Split sizes in the YAML are what `load_dataset` checks the files against, and they enter its cache key: without
+    them, two folders of the same name with these `configs` share one cache entry and the second loads the first's
+    rows (datasets 5.2 hashes the config patterns, not the files they match)."""
+    card_data.configs = [
         {
             "config_name": name,
-            "default": name == "instructions",
-            "data_files": [
-                {"split": split, "path": f"{name}/{split}-*.parquet"}
-                for split in SPLITS
-                if split in statistics.split_sizes[name]
-            ],
+            "default": name == default,
+            "data_files": [{"split": split, "path": f"{name}/{split}-*.parquet"} for split in split_sizes[name]],
         }
         for name in features
+        if split_sizes.get(name)
     ]
-    total_rows = sum(statistics.rows_in(name, split) for name in features for split in SPLITS)
-    card_data = DatasetCardData(
-        language="en",
-        license="cc-by-4.0",
-        pretty_name="SEPIT protein instructions",
-        size_categories=_size_category(total_rows),
-        task_categories=["text-generation", "question-answering"],
-        tags=["biology", "protein", "uniprot", "instruction-tuning"],
-        configs=configs,
-    )
-    # Split sizes in the YAML are what `load_dataset` checks the files against, and they enter its cache key: without
-    # them, two folders of the same name with these `configs` share one cache entry and the second loads the first's
-    # rows (datasets 5.2 hashes the config patterns, not the files they match).
     DatasetInfosDict(
         {
             name: DatasetInfo(
@@ -145,16 +139,35 @@ def write_card(folder: Path, statistics: DatasetStatistics, features: dict[str, 
                 splits=SplitDict(
                     {
                         split: SplitInfo(split, num_bytes=size[1], num_examples=size[0])
-                        for split, size in statistics.split_sizes[name].items()
+                        for split, size in split_sizes[name].items()
                     }
                 ),
-                dataset_size=sum(size[1] for size in statistics.split_sizes[name].values()),
+                dataset_size=sum(size[1] for size in split_sizes[name].values()),
                 config_name=name,
             )
             for name, config_features in features.items()
-            if statistics.split_sizes.get(name)
+            if split_sizes.get(name)
         }
     ).to_dataset_card_data(card_data)
+
+
+def write_card(folder: Path, statistics: DatasetStatistics, features: dict[str, Features]) -> DatasetCard:
+    """Fill the template with this build's figures; the YAML header declares both configs and their Parquet files,
+    each split that has rows, in train / validation / test order."""
+    total_rows = sum(statistics.rows_in(name, split) for name in features for split in SPLITS)
+    card_data = DatasetCardData(
+        language="en",
+        license="cc-by-4.0",
+        pretty_name="SEPIT protein instructions",
+        size_categories=size_category(total_rows),
+        task_categories=["text-generation", "question-answering"],
+        tags=["biology", "protein", "uniprot", "instruction-tuning"],
+    )
+    split_sizes = {
+        name: {split: statistics.split_sizes[name][split] for split in SPLITS if split in statistics.split_sizes[name]}
+        for name in features
+    }
+    declare_configs(card_data, features, split_sizes)
     clusters = (
         f"MMseqs2 clusters read from `{Path(statistics.clusters_from).name}`"
         if statistics.clusters_from
@@ -199,4 +212,4 @@ def push_dataset(
     return str(commit)
 
 
-__all__ = ["DatasetStatistics", "push_dataset", "write_card"]
+__all__ = ["DatasetStatistics", "declare_configs", "push_dataset", "size_category", "write_card"]
