@@ -1,20 +1,31 @@
 """The evaluation's text metrics against the metric libraries' own documented examples, computed through our wrappers
 (so the tokens, references and settings reach the libraries intact), yes/no extraction, per-type scoring and the
-report files. Offline: WordNet from Debian's wordnet-base, BERTScore with the MiniLM folder the eval extra ships."""
+report files; the paper's protocol ("sepit") on single pairs against the libraries called as its script calls them,
+and its answer extraction and yes/no rule on tricky responses. Offline: WordNet from Debian's wordnet-base, BERTScore
+with the MiniLM folder the eval extra ships."""
 
 import json
 import os
 
 import pytest
+from bert_score import BERTScorer
+from nltk.translate.bleu_score import corpus_bleu
+from nltk.translate.meteor_score import meteor_score
 from PIL import Image
+from rouge_score.rouge_scorer import RougeScorer
+from transformers import AutoConfig, AutoTokenizer
 
 from modeling_sepit.metrics_sepit import (
     bertscore,
     bleu,
+    check_protocol,
     default_bertscore_model,
+    extract_answer,
     extract_yes_no,
+    extract_yes_no_sepit,
     load_wordnet,
     meteor,
+    resolve_bertscore,
     rouge,
     score_answers,
     tokenize,
@@ -257,3 +268,186 @@ def test_write_report_files(tmp_path):
     with Image.open(paths["chart"]) as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 200
         image.verify()
+
+
+# The "sepit" protocol: the paper's evaluation script (evaluate_task.py of U-rara/SEPIT), each metric checked on single
+# pairs against the library called directly as that script calls it.
+QUESTION = "What is the function of <protein> ?"
+ECHOED = "What is the function of  ? It hydrolyses peptidoglycan in cell walls of bacteria."
+REFERENCE = "Lysozyme hydrolyses the peptidoglycan of bacterial cell walls."
+PAPER_BLEU_WEIGHTS = [(1, 0, 0, 0), (0.5, 0.5, 0, 0), (0.33, 0.33, 0.33, 0), (0.25, 0.25, 0.25, 0.25)]
+
+
+def sepit_scores(rows, model, questions=None):
+    """score_answers under the sepit protocol on (prediction, reference, type, closed) rows."""
+    predictions, references, types, closed = map(list, zip(*rows, strict=True))
+    questions = questions or [QUESTION] * len(rows)
+    return score_answers(predictions, references, types, closed, model, None, protocol="sepit", questions=questions)
+
+
+def paper_pair_scores(output: str, reference: str, model: str) -> dict[str, float]:
+    """The paper script's `calculate_scores` for one pair, through the libraries directly (x100)."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    output_pieces = tokenizer.tokenize(output, add_special_tokens=False)
+    reference_pieces = tokenizer.tokenize(reference, add_special_tokens=False)
+    bleus = [corpus_bleu([[reference_pieces]], [output_pieces], weights=weights) for weights in PAPER_BLEU_WEIGHTS]
+    rouge_scores = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(
+        output, reference
+    )  # as the script
+    meteor_value = meteor_score([reference_pieces], output_pieces, wordnet=load_wordnet())
+
+    def first_500(text: str) -> str:
+        return tokenizer.decode(tokenizer.encode(text, max_length=500, truncation=True, add_special_tokens=False))
+
+    scorer = BERTScorer(model_type=model, num_layers=AutoConfig.from_pretrained(model).num_hidden_layers)
+    precision, recall, f1 = scorer.score([first_500(output)], [first_500(reference)])
+    values = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), bleus, strict=True))
+    values |= {name: rouge_scores[name].fmeasure for name in ("rouge1", "rouge2", "rougeL")}
+    values |= {"meteor": meteor_value, "bertscore_precision": precision.item(), "bertscore_recall": recall.item()}
+    values["bertscore_f1"] = f1.item()
+    return {name: 100 * value for name, value in values.items()}
+
+
+def test_sepit_metrics_on_a_pair_are_the_libraries_called_as_the_paper(minilm):
+    result = sepit_scores([(ECHOED, REFERENCE, "function", False)], minilm)
+    answer = "It hydrolyses peptidoglycan in cell walls of bacteria."  # the echoed question cut off
+    direct = paper_pair_scores(answer, REFERENCE, minilm)
+    assert direct["bleu2"] > 0 and direct["bertscore_f1"] > 50  # every metric sees a partly matching pair
+    assert {key: result["overall"]["open"][key] for key in direct} == pytest.approx(direct, rel=1e-9, abs=1e-9)
+    assert result["settings"]["protocol"] == "sepit" and result["settings"]["scale"] == 100
+    assert result["settings"]["bertscore"] == {"model": minilm, "num_layers": 6, "first_pieces": 500}
+
+
+def test_sepit_bleu3_weights_are_the_papers_0_33_and_no_smoothing(minilm):
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    answer = "the protein binds zinc and calcium ions in the cell"
+    reference = "the protein binds zinc ions in the membrane of the cell"
+    output, ref = tokenizer.tokenize(answer), tokenizer.tokenize(reference)
+    scores = sepit_scores([(answer, reference, "function", False)], minilm)["overall"]["open"]
+    third = corpus_bleu([[ref]], [output], weights=(1 / 3, 1 / 3, 1 / 3, 0))
+    assert scores["bleu3"] == pytest.approx(100 * corpus_bleu([[ref]], [output], weights=(0.33, 0.33, 0.33, 0)))
+    assert scores["bleu3"] != pytest.approx(100 * third, rel=1e-6)  # 0.33 (sum 0.99) is not 1/3
+    # no 4-gram in common: without smoothing BLEU-4 is (all but) 0, where corpus BLEU's method 1 stays informative
+    no_four = sepit_scores([("binds zinc ions", "the protein binds zinc ions", "function", False)], minilm)
+    assert no_four["overall"]["open"]["bleu4"] < 1e-50 and no_four["overall"]["open"]["bleu1"] > 50
+
+
+def test_sepit_bertscore_cuts_each_text_to_its_first_500_word_pieces(minilm):
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    long_reference = " ".join(["lysozyme hydrolyses peptidoglycan"] * 120)  # 960 word pieces
+    assert len(tokenizer.tokenize(long_reference)) > 500
+    scores = sepit_scores([(PARAPHRASE[0], long_reference, "function", False)], minilm)["overall"]["open"]
+    direct = paper_pair_scores(PARAPHRASE[0], long_reference, minilm)
+    assert scores["bertscore_recall"] == pytest.approx(direct["bertscore_recall"], abs=1e-9)
+
+
+def test_sepit_scores_are_means_of_per_answer_scores_x100(minilm):
+    rows = [(ECHOED, REFERENCE, "function", False), (PARAPHRASE[0], PARAPHRASE[1], "function", False)]
+    rows.append(("It is located in the nucleus.", "Nucleus.", "location", False))
+    together = sepit_scores(rows, minilm)
+    alone = [sepit_scores([row], minilm)["overall"]["open"] for row in rows]
+    for key in ("bleu1", "bleu4", "rouge2", "rougeL", "meteor", "bertscore_f1"):
+        assert together["overall"]["open"][key] == pytest.approx(sum(scores[key] for scores in alone) / 3)
+        assert together["per_type"]["function"]["open"][key] == pytest.approx((alone[0][key] + alone[1][key]) / 2)
+    # corpus BLEU of the same answers is another figure: per-answer BLEU is not corpus BLEU
+    assert together["overall"]["open"]["bleu2"] != pytest.approx(
+        100 * bleu([row[0] for row in rows], [row[1] for row in rows])["bleu2"], rel=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "response, question, expected",
+    [
+        # the original decoded its whole prompt: the question is echoed, its <protein> gone with the special tokens
+        (ECHOED, QUESTION, "It hydrolyses peptidoglycan in cell walls of bacteria."),
+        # the lazy group takes what stood for the protein (letters, digits, spaces, / - _)
+        ("Describe MKTAYIAK-QR briefly. It is a kinase.", "Describe <protein> briefly.", "It is a kinase."),
+        # the question is a regular expression as written: "." matches any character, "?" makes the space optional
+        ("Describe P12345 briefly! It is a kinase.", "Describe <protein> briefly.", "It is a kinase."),
+        ("What is the function of It binds zinc.", QUESTION, "It binds zinc."),
+        # its parentheses are a group, so an echo with them does not match: the whole response, "? " removed
+        (
+            "Which EC number (if any) has  ? 3.2.1.17",
+            "Which EC number (if any) has <protein> ?",
+            "Which EC number (if any) has  3.2.1.17",
+        ),
+        # an unbalanced parenthesis (the paper's script stops with re.error): matched literally
+        ("Which pathway (KEGG has  ? Glycolysis.", "Which pathway (KEGG has <protein> ?", "Glycolysis."),
+        # no echo (this project's answers): the whole response, stripped, every "? " removed, a final "?" kept
+        ("  Is it secreted? Probably? Yes  ", QUESTION, "Is it secretedProbablyYes"),
+        ("Why?", QUESTION, "Why?"),
+        # the first echo counts; a later one stays in the answer
+        (
+            "What is the function of  ? What is the function of it? Binding.",
+            QUESTION,
+            "What is the function of itBinding.",
+        ),
+        ("", QUESTION, ""),
+    ],
+)
+def test_extract_answer_after_the_echoed_question(response, question, expected):
+    assert extract_answer(response, question) == expected
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("No, it does not bind zinc... yes", "yes"),
+        ("Yes, it binds zinc. No", "no"),
+        ("YES.", "yes"),
+        ("No-one has characterised it.", "no"),  # a hyphen is a word boundary here, unlike extract_yes_no
+        ("The answer is yes_no", None),  # "_" is a word character
+        ("It is not known, I know; eyes, yesterday, nobody.", None),
+        ("", None),
+    ],
+)
+def test_extract_yes_no_sepit_the_last_standalone_yes_or_no(response, expected):
+    assert extract_yes_no_sepit(response) == expected
+
+
+def test_sepit_yes_no_accuracy_compares_with_the_whole_lowercased_reference(minilm):
+    rows = [
+        ("No, it does not... actually yes.", "Yes", "yes_no:go", True),  # the last one counts: right
+        ("Yes, but no-one knows", "Yes", "yes_no:go", True),  # "no" of "no-one" is the last: wrong
+        ("It does not bind zinc.", "No", "yes_no:metal", True),  # none found: wrong, and counted
+        ("Yes", "Yes, it does.", "yes_no:metal", True),  # the reference is not "yes": wrong, as in the paper
+    ]
+    result = sepit_scores(rows, minilm)
+    assert result["overall"]["closed"] == {"n": 4, "accuracy": 25.0, "no_answer": 1}
+    assert result["per_type"]["yes_no:go"]["closed"]["accuracy"] == 50.0
+    # the corpus protocol skips "no-one" and reads "Yes, it does." as Yes
+    corpus = scores_of(rows, bertscore_model=None, bertscore_num_layers=None)
+    assert corpus["overall"]["closed"]["accuracy"] == pytest.approx(3 / 4)
+    assert result["overall"]["open"]["n"] == 0 and result["overall"]["open"]["bleu1"] is None
+
+
+def test_protocol_arguments_are_checked(minilm):
+    with pytest.raises(ValueError, match="protocol: 'paper'; choose from"):
+        check_protocol("paper", minilm, None)
+    with pytest.raises(ValueError, match="bertscore_model: the sepit protocol"):
+        score_answers(["a"], ["a"], ["t"], [False], None, None, protocol="sepit", questions=["q"])
+    with pytest.raises(ValueError, match="bertscore_num_layers: the sepit protocol reads every layer"):
+        score_answers(["a"], ["a"], ["t"], [False], minilm, 6, protocol="sepit", questions=["q"])
+    with pytest.raises(ValueError, match="questions: the sepit protocol"):
+        score_answers(["a"], ["a"], ["t"], [False], minilm, None, protocol="sepit")
+    with pytest.raises(ValueError, match="differ in length: 1, 1, 1, 1, 2"):
+        score_answers(["a"], ["a"], ["t"], [False], minilm, None, protocol="sepit", questions=["q", "r"])
+    assert resolve_bertscore(None, None, "corpus") == (minilm, 6)
+    assert resolve_bertscore(None, None, "sepit") == (minilm, None)
+    assert resolve_bertscore("None", 3, "corpus") == (None, 3)
+    with pytest.raises(ValueError, match="bertscore_model: .*not none"):
+        resolve_bertscore("none", None, "sepit")
+
+
+def test_reports_name_the_protocol_and_refuse_mixing_them(tmp_path, minilm):
+    sepit = sepit_scores(ROWS, minilm, questions=[QUESTION] * len(ROWS))
+    corpus = scores_of(ROWS, bertscore_model=None, bertscore_num_layers=None)
+    paths = write_report({"sepit": sepit}, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert "Protocol `sepit` (the paper's evaluation script)" in markdown
+    assert f"| BLEU-1 | {sepit['overall']['open']['bleu1']:.2f} |" in markdown  # x100, two decimals
+    assert "| yes/no accuracy | 66.67 |" in markdown
+    assert json.loads(paths["json"].read_text())["sepit"]["settings"]["protocol"] == "sepit"
+    assert "Protocol `corpus`" in write_report({"sepit": corpus}, tmp_path / "corpus")["markdown"].read_text()
+    with pytest.raises(ValueError, match="one protocol per report"):
+        write_report({"sepit": sepit, "corpus": corpus}, tmp_path / "mixed")
