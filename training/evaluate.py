@@ -5,12 +5,17 @@ ROUGE-1/2/L, METEOR, BERTScore and yes/no accuracy, overall and per question typ
 
     python training/evaluate.py --model_name_or_path outputs/stage2 --dataset_name outputs/dataset \\
         --output_dir outputs/evaluation [--external_benchmarks outputs/instructprotein] \\
-        [--pure_llm_model_name_or_path outputs/pure-llm]
+        [--pure_llm_model_name_or_path outputs/pure-llm] [--protocol sepit]
+
+`--protocol corpus` (the default) scores as this project does (corpus BLEU, fractions); `--protocol sepit` as the
+paper's evaluation script (per answer then averaged, x100, word-piece BLEU/METEOR, BERTScore on every layer), so the
+figures compare with the paper's. `training/score.py` rescores the predictions later, under either protocol.
 
 Writes `<output_dir>/<benchmark>/metrics.{json,md,png}` and `predictions.jsonl` (question, reference, every system's
 answer), for the held-out split (`heldout`) and, when given, the InstructProtein yes/no sets (`instructprotein`,
 built by `python -m dataset_card.external_benchmarks`). The paper's BERTScore model is PubMedBERT; offline, pass a
-local folder (the default is all-MiniLM-L6-v2, shipped in the `eval` extra). `output_dir` is written all at once when
+local folder (the default is all-MiniLM-L6-v2, shipped in the `eval` extra; under `sepit` its tokenizer also cuts
+the BLEU and METEOR tokens). `output_dir` is written all at once when
 every benchmark is scored (a run killed before leaves the previous reports whole), and only over an earlier
 evaluation's folder, an empty one or a new path (else `--overwrite`).
 """
@@ -30,11 +35,11 @@ from modeling_sepit.atomic_folder import atomic_folder, check_output_path
 from modeling_sepit.cli_sepit import check_dataset, check_device, script_parser
 from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT_SYSTEMS, SYSTEMS, generate_answers, is_closed
 from modeling_sepit.hub_sepit import require_local_or_cached
-from modeling_sepit.metrics_sepit import default_bertscore_model, score_answers, write_report
+from modeling_sepit.metrics_sepit import PROTOCOLS, resolve_bertscore, score_answers, write_report
 from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 from modeling_sepit.pure_llm import load_pure_llm
 
-PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"
+PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"  # the paper's evaluation config
 WRITER = "evaluate"
 # The columns a question row needs (the `instructions` config's; `captions` rows hold no question).
 QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
@@ -72,7 +77,15 @@ class EvaluationArguments:
         },
     )
     bertscore_num_layers: int | None = field(
-        default=None, metadata={"help": "Layer BERTScore reads (needed for models bert-score has no default for)."}
+        default=None,
+        metadata={
+            "help": "Layer BERTScore reads (corpus protocol: needed for models bert-score has no default for; sepit: "
+            "every layer, leave unset)."
+        },
+    )
+    protocol: str = field(
+        default="corpus",
+        metadata={"help": f"How answers are scored: one of {list(PROTOCOLS)} (sepit: as the paper's script)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
     device: str = field(default="cpu", metadata={"help": "Device to generate on (cuda on a GPU machine)."})
@@ -104,10 +117,9 @@ class EvaluationArguments:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
-        if self.bertscore_model is None:
-            self.bertscore_model, self.bertscore_num_layers = default_bertscore_model(), 6
-        elif self.bertscore_model.lower() == "none":
-            self.bertscore_model = None
+        self.bertscore_model, self.bertscore_num_layers = resolve_bertscore(
+            self.bertscore_model, self.bertscore_num_layers, self.protocol
+        )
         check_device(self.device)
         check_output_path(self.output_dir, WRITER, self.inputs, self.overwrite)
 
@@ -169,6 +181,8 @@ def evaluate_benchmark(
             [is_closed(kind) for kind in types],
             args.bertscore_model,
             args.bertscore_num_layers,
+            protocol=args.protocol,
+            questions=[row["question"] for row in rows],
         )
         for system, predictions in answers.items()
     }

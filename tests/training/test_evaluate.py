@@ -1,7 +1,7 @@
 """`training/evaluate.py` on a tiny saved model and real data: the four systems side by side (SEPIT, structure
 withheld, LLM only, PureLLM from its own folder), the held-out split and the InstructProtein benchmark, report files
-and predictions; without a PureLLM folder the three of the SEPIT model; bad arguments exit 2 with a one-line
-message."""
+and predictions; without a PureLLM folder the three of the SEPIT model; the paper's scoring protocol; bad arguments
+exit 2 with a one-line message."""
 
 import json
 import runpy
@@ -78,6 +78,9 @@ def test_reports_every_system_on_both_benchmarks(saved_model, saved_pure_llm, de
         (["--max_samples", "0"], "max_samples must be at least 1"),
         (["--systems", "sepit", PURE_LLM], "pure_llm_model_name_or_path: the 'purellm, sequence as text' system and"),
         (["--pure_llm_model_name_or_path", "/no/such/pure-llm"], "pure_llm_model_name_or_path: /no/such/pure-llm is"),
+        (["--protocol", "paper"], "protocol: 'paper'; choose from ['corpus', 'sepit']"),
+        (["--protocol", "sepit", "--bertscore_model", "none"], "bertscore_model: the sepit protocol takes BLEU"),
+        (["--protocol", "sepit", "--bertscore_num_layers", "6"], "bertscore_num_layers: the sepit protocol reads"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(saved_model, tmp_path, capsys, extra, message) -> None:
@@ -94,7 +97,21 @@ def test_without_a_pure_llm_folder_the_sepit_models_three_systems(saved_model, d
         "--max_samples", "2", "--max_new_tokens", "2", "--bertscore_model", "none",
     ]  # fmt: skip
     assert evaluate["main"](argv) == 0
-    assert list(json.loads((output / "heldout" / "metrics.json").read_text())) == list(SEPIT_SYSTEMS)
+    results = json.loads((output / "heldout" / "metrics.json").read_text())
+    assert list(results) == list(SEPIT_SYSTEMS)
+    assert results["sepit"]["settings"]["protocol"] == "corpus"  # the default
+
+
+def test_the_papers_protocol_scores_and_says_so(saved_model, demo_dataset, tmp_path) -> None:
+    output = tmp_path / "evaluation"
+    argv = [
+        "--model_name_or_path", str(saved_model), "--dataset_name", str(demo_dataset), "--output_dir", str(output),
+        "--max_samples", "3", "--max_new_tokens", "2", "--systems", "sepit", "--protocol", "sepit",
+    ]  # fmt: skip
+    assert evaluate["main"](argv) == 0
+    settings = json.loads((output / "heldout" / "metrics.json").read_text())["sepit"]["settings"]
+    assert (settings["protocol"], settings["scale"], settings["bertscore"]["num_layers"]) == ("sepit", 100, 6)
+    assert "Protocol `sepit` (the paper's evaluation script)" in (output / "heldout" / "metrics.md").read_text()
 
 
 def test_a_folder_that_is_no_pure_llm_is_named(saved_model, tiny_parts, tmp_path, capsys) -> None:
