@@ -286,6 +286,7 @@ def checked_conversation(value: object) -> list[dict[str, str]]:
 
 def _json_rows(path: Path, report: ImportReport) -> Iterator[tuple[str, dict]]:
     """(where, object) per non-blank line; lines that are not a JSON object with a string id are reported."""
+    name = _name(path)
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -293,10 +294,10 @@ def _json_rows(path: Path, report: ImportReport) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                report.skip(_name(path), f"line {number}", f"not JSON: {error}")
+                report.skip(name, f"line {number}", f"not JSON: {error}")
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
-                report.skip(_name(path), f"line {number}", "no id: a JSON object with a string 'id' expected")
+                report.skip(name, f"line {number}", "no id: a JSON object with a string 'id' expected")
                 continue
             yield f"line {number}, id {row['id']}", row
 
@@ -371,7 +372,7 @@ def _import_rows(
     rng = random.Random(seed)
     store.db.execute("CREATE TABLE captions (key BLOB PRIMARY KEY)")
     for path in release_files(folder):
-        stage, split = path.parent.name, split_name(path)
+        stage, split, name = path.parent.name, split_name(path), _name(path)
         config = STAGES[stage]
         for where, row in _json_rows(path, report):
             protein_id = row["id"]
@@ -385,14 +386,14 @@ def _import_rows(
                         raise SkippedRow("<protein> count mismatch: the caption holds a placeholder")
                     key = _caption_key(split, protein_id, caption)
                     if store.db.execute("SELECT 1 FROM captions WHERE key = ?", (key,)).fetchone():
-                        report.imported[_name(path)] += 1  # carried by the stage-1 row of the same caption
+                        report.imported[name] += 1  # carried by the stage-1 row of the same caption
                         continue
                     request = {"role": "user", "content": rng.choice(CAPTION_TEMPLATES)}
                     messages = [request, {"role": "assistant", "content": caption}]
                 else:
                     messages = checked_conversation(row.get("conversation"))
             except SkippedRow as error:
-                report.skip(_name(path), where, str(error))
+                report.skip(name, where, str(error))
                 continue
             columns = protein.columns(protein_id)
             if config == "captions":
@@ -406,7 +407,7 @@ def _import_rows(
                 asked = next(i for i, message in enumerate(messages) if PROTEIN_TOKEN in message["content"])
                 question, answer = messages[asked]["content"], messages[asked + 1]["content"]
                 kind = YES_NO if _YES_NO.fullmatch(answer.strip()) else OPEN_ENDED
-                fields = {"type": kind, "question": question, "answer": answer, "source_field": _name(path)}
+                fields = {"type": kind, "question": question, "answer": answer, "source_field": name}
                 fields["messages"] = messages
                 statistics.types[split, kind] += 1
                 statistics.multi_turn += sum(message["role"] == "assistant" for message in messages) > 1
@@ -414,7 +415,7 @@ def _import_rows(
                     statistics.yes_no[answer.strip().rstrip(".!").lower()] += 1
             writers.write(config, split, {**columns, **fields})
             statistics.add(config, split, protein_id, protein)
-            report.imported[_name(path)] += 1
+            report.imported[name] += 1
         store.db.commit()
 
 
