@@ -4,9 +4,10 @@ Reads `pdb.h5` (a group per protein: `sequence`, `node_position`), `sequences.cs
 `stage0/*.jsonl` ({id, caption}), `stage1/*.jsonl` and `stage2/*.jsonl` ({id, conversation}) and writes the
 `captions` and `instructions` configs with the schema and Features of `dataset_card.build_dataset`, so that training
 and evaluation take the folder unchanged. Splits come from the file names (train; valid -> validation; every other
-file, such as qa_test and yn_test, its own split). Bad rows are reported with their reason and skipped. Memory stays
-bounded whatever the release's size: lines are read one at a time, structures on demand, the sequences of
-`sequences.csv` from an on-disk index, and Parquet is written in batches. The card (source, licence, counts, and a
+file, such as qa_test and yn_test, its own split). Bad rows are reported with their reason and skipped. Memory does
+not grow with the rows: lines are read one at a time, structures on demand, the sequences of `sequences.csv` from an
+on-disk index, and Parquet is written in batches; what is kept is the ids of the distinct proteins per split (and,
+for the audit, the sequences of test and training proteins). The card (source, licence, counts, and a
 leakage audit of the release's own split) is written beside the data; the folder appears all at once.
 
     python -m dataset_card.import_sepit_data --input_dir database --output_dir sepit-data --licence apache-2.0
