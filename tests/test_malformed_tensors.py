@@ -604,7 +604,9 @@ def arrays(draw, length: int):
     shape = draw(st.sampled_from([(length, 3), (length,), (length, 2), (length + 1, 3), (0,), ()]))
     dtype = np.dtype(draw(st.sampled_from(DTYPES)))
     if dtype.kind == "O":
-        return np.array(draw(st.lists(scalars, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))) or [None])
+        items = draw(st.lists(scalars, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))) or [None]
+        # dtype=object: numpy would otherwise guess a string dtype for mixed str/bytes items and fail to decode them.
+        return np.array(items, dtype=object)
     return draw(hnp.arrays(dtype, shape))
 
 
@@ -727,7 +729,7 @@ def spoiled_batch(draw, valid: dict):
         if kind == "scalar":
             batch[name] = draw(st.one_of(st.integers(-5, 200), st.floats(), st.text(max_size=3)))
             continue
-        if kind == "values" and name in valid:  # right shape and dtype, some values replaced
+        if kind == "values" and name in batch:  # right shape and dtype, some values replaced (if not popped above)
             tensor = batch[name]
             flat = tensor.view(-1)
             for index in draw(st.lists(st.integers(0, max(flat.numel() - 1, 0)), min_size=1, max_size=4)):

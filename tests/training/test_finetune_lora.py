@@ -202,6 +202,7 @@ def _parse(dataclasses: tuple, recipe: Path, *extra: str) -> tuple:
 def test_every_recipe_parses_with_its_script() -> None:
     sft = runpy.run_path(str(TRAINING / "sft.py"))
     stage0 = runpy.run_path(str(TRAINING / "stage0_encoder_warmup.py"))
+    pure_llm = runpy.run_path(str(TRAINING / "pure_llm.py"))
     from transformers import TrainingArguments
 
     parsers = {
@@ -209,6 +210,7 @@ def test_every_recipe_parses_with_its_script() -> None:
         "stage1": (sft["SepitSFTArguments"], SFTConfig),
         "stage2": (sft["SepitSFTArguments"], SFTConfig),
         "lora": (lora["SepitLoraArguments"], SFTConfig),
+        "pure_llm": (pure_llm["PureLLMArguments"], SFTConfig),
     }
     recipes = sorted((TRAINING / "recipes").glob("*/*.yaml"))
     assert {p.parent.name for p in recipes} >= {"tiny", "paper-tinyllama", "paper-openllama3b", "paper-llama2-7b"}
@@ -221,6 +223,8 @@ def test_every_recipe_parses_with_its_script() -> None:
             assert settings.get("bf16") is True, recipe
         if recipe.stem in ("stage1", "stage2") and paper:
             assert script_args.structure_dropout == 0.15 and training_args.ddp_find_unused_parameters, recipe
+        if paper and recipe.stem == "pure_llm":  # stage 2's data and loss, as the original purellm.yaml
+            assert script_args.dataset_config == "instructions" and script_args.loss_reduction == "sequence", recipe
         if recipe.stem == "stage2":
             assert script_args.num_experts == 4 and script_args.num_experts_per_tok == 1, recipe
             assert {"protein_model", "structure_module"} <= set(script_args.freeze), recipe
