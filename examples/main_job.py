@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT_STRUCTURE = ROOT / "examples" / "data" / "4hhb.pdb"  # haemoglobin: not in the demo corpus
 RELOAD_SCRIPT = ROOT / "examples" / "reload_and_ask.py"
 RECIPES = ("stage0.yaml", "stage1.yaml", "stage2.yaml", "pure_llm.yaml")
+BENCHMARKS = ("heldout", "instructprotein")
+# What the model card and the closing table say of each scoring protocol's figures.
+CORPUS_NOTE = "Protocol `corpus` (this project's: fractions in [0, 1], corpus BLEU):"
+SEPIT_NOTE = "Protocol `sepit` (the paper's evaluation script, `training/score.py`: per answer, then the mean, x100):"
 
 
 @dataclass
@@ -61,7 +65,9 @@ class MainJobArguments:
     protein_pooling: int = field(default=1, metadata={"help": "Feature positions per LLM token (1: the paper)."})
     max_steps: int | None = field(default=None, metadata={"help": "Cap every stage's steps (quick check)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
-    bertscore_model: str | None = field(default=None, metadata={"help": "BERTScore model (default: bundled)."})
+    bertscore_model: str | None = field(
+        default=None, metadata={"help": "BERTScore model, for both protocols (default: bundled)."}
+    )
     device: str = field(default="cpu", metadata={"help": "Device for evaluation and the reloaded pipeline."})
     push_model_repo: str | None = field(default=None, metadata={"help": "Hub model repo to publish the model to."})
     push_dataset_repo: str | None = field(default=None, metadata={"help": "Hub dataset repo for the dataset."})
@@ -84,6 +90,11 @@ class MainJobArguments:
         for name, least in (("max_steps", 1), ("max_eval_samples", 1), ("external_per_benchmark", 2)):
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        if self.bertscore_model and self.bertscore_model.lower() == "none":
+            raise ValueError(
+                "bertscore_model: none, but the job also scores as the paper does, which needs a BERTScore model (its "
+                "tokenizer cuts the BLEU and METEOR tokens); give one or leave the bundled default"
+            )
         check_device(self.device)
         for name in ("push_model_repo", "push_dataset_repo"):
             if getattr(self, name) and constants.HF_HUB_OFFLINE:
@@ -166,9 +177,15 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
             "paper's baseline: the same LLM fine-tuned on the same questions and steps as stage 2, with the amino-acid "
             "sequence written in the prompt as text).",
             "### Held-out test split",
+            CORPUS_NOTE,
             table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"),
+            SEPIT_NOTE,
+            table_section(paths["evaluation_sepit"] / "heldout" / "metrics.md", "## Overall"),
             "### InstructProtein yes/no test sets (metal-ion binding, GO molecular function)",
+            CORPUS_NOTE,
             table_section(paths["evaluation"] / "instructprotein" / "metrics.md", "## Per question type"),
+            SEPIT_NOTE,
+            table_section(paths["evaluation_sepit"] / "instructprotein" / "metrics.md", "## Per question type"),
         ]
     )
     if not args.protein_model:
@@ -217,6 +234,7 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
     """Every step in turn, each writing into its own folder under `out`."""
     paths = {name: out / name for name in ("dataset", "parts", "stage0", "stage1", "stage2", "evaluation")}
     paths |= {"instructprotein": out / "instructprotein", "hub": out / "hub-model", "pure_llm": out / "pure-llm"}
+    paths["evaluation_sepit"] = out / "evaluation-sepit"
     if args.dataset_dir:
         paths["dataset"] = Path(args.dataset_dir).resolve()
     python, timings, started = sys.executable, {}, time.perf_counter()
@@ -261,6 +279,14 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
     if args.bertscore_model:
         evaluate += ["--bertscore_model", args.bertscore_model]
     timings["evaluation"] = run("8/9 evaluation with baselines", evaluate)
+    timings["sepit scoring"] = 0.0
+    for benchmark in BENCHMARKS:  # the same answers, no second generation
+        predictions = paths["evaluation"] / benchmark / "predictions.jsonl"
+        rescore = [python, "training/score.py", "--predictions", str(predictions), "--protocol", "sepit"]
+        rescore += ["--output_dir", str(paths["evaluation_sepit"] / benchmark), *flag]
+        if args.bertscore_model:
+            rescore += ["--bertscore_model", args.bertscore_model]
+        timings["sepit scoring"] += run(f"8/9 the {benchmark} answers scored as the paper scores", rescore)
 
     print("\n== 9/9 Hub folder, reloaded in a fresh process", flush=True)
     hub = write_card_and_folder(args, paths, timings)
@@ -280,15 +306,17 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
     print(f"\n== done in {time.perf_counter() - started:.0f} s")
     for step, seconds in timings.items():
         print(f"   {step:<20} {seconds:6.0f} s")
-    print(table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"))
+    for note, folder in ((CORPUS_NOTE, paths["evaluation"]), (SEPIT_NOTE, paths["evaluation_sepit"])):
+        print(f"{note}\n{table_section(folder / 'heldout' / 'metrics.md', '## Overall')}")
     print(f"Hub-ready dataset folder:  {paths['dataset']} (README.md is its dataset card)")
     print(f"stage folders:             {paths['stage0']}, {paths['stage1']}, {paths['stage2']}")
     print(f"PureLLM baseline folder:   {paths['pure_llm']}")
     curves = ", ".join(str(paths[stage] / "loss_curve.png") for stage in ("stage0", "stage1", "stage2", "pure_llm"))
     print(f"loss curves:               {curves}")
-    for benchmark in ("heldout", "instructprotein"):
-        folder = paths["evaluation"] / benchmark
-        print(f"metrics ({benchmark}):{' ' * (16 - len(benchmark))}{folder / 'metrics.md'}, {folder / 'metrics.png'}")
+    for benchmark in BENCHMARKS:
+        folders = (paths["evaluation"] / benchmark, paths["evaluation_sepit"] / benchmark)
+        files = ", ".join(str(folder / name) for folder in folders for name in ("metrics.md", "metrics.png"))
+        print(f"metrics ({benchmark}):{' ' * (16 - len(benchmark))}{files}")
     print(f"Hub-ready model folder:    {hub} (README.md is its model card)")
     return 0
 
