@@ -267,8 +267,9 @@ def default_bertscore_model() -> str:
 
 
 def extract_yes_no(text: str) -> str | None:
-    """SEPIT's reading of a closed answer: the last standalone "yes" or "no", lowercased ("Yes, ... but no" is "no");
-    None when there is none, which scores as wrong."""
+    """The corpus protocol's reading of a closed answer: the last standalone "yes" or "no", lowercased ("Yes, ... but
+    no" is "no"); None when there is none, which scores as wrong. The paper's rule (`extract_yes_no_sepit`) also
+    counts one inside a hyphenated word ("no-one")."""
     found = _YES_NO.findall(text)
     return found[-1].lower() if found else None
 
