@@ -38,28 +38,33 @@ def rows(demo_dataset) -> list[dict]:
     return [*dataset["test"].select(range(4)).to_list(), lysozyme]
 
 
-def recorded_generate(model, monkeypatch) -> list[dict]:
+def recorded_generate(model, monkeypatch, method: str = "generate") -> list[dict]:
+    """The inputs of each call of `model.<method>`, tensors copied (`get_protein_features`: the proteins a batch
+    encodes)."""
     calls = []
-    generate = model.generate
+    original = getattr(model, method)
 
     def recording(**inputs):
-        calls.append({name: value.clone() for name, value in inputs.items() if isinstance(value, torch.Tensor)})
-        return generate(**inputs)
+        calls.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+        return original(**inputs)
 
-    monkeypatch.setattr(model, "generate", recording)
+    monkeypatch.setattr(model, method, recording)
     return calls
 
 
 def test_each_system_sends_what_it_names(model_and_processor, rows, monkeypatch) -> None:
     model, processor = model_and_processor
     calls = recorded_generate(model, monkeypatch)
+    encoded = recorded_generate(model, monkeypatch, "get_protein_features")
     for system in (SEPIT, STRUCTURE_WITHHELD, NO_PROTEIN):
         answers = generate_answers(model, processor, rows, system, batch_size=8, max_new_tokens=3, progress=False)
         assert len(answers) == len(rows) and all(isinstance(answer, str) for answer in answers)
-    sepit, withheld, no_protein = calls
+    (*with_protein, no_protein), (sepit, withheld) = calls, encoded  # no protein: nothing encoded
+    assert all("mm_encoder_outputs" in call and "protein_input_ids" not in call for call in with_protein)
     assert sepit["protein_coords_mask"].sum() == sum(rows[-1]["coords_mask"][:64])  # lysozyme, cut at 64 residues
-    assert withheld["protein_input_ids"].shape[0] == len(rows) and "protein_coords" not in withheld
-    assert "protein_input_ids" not in no_protein
+    distinct = len({row["sequence"] for row in rows})
+    assert withheld["protein_input_ids"].shape[0] == distinct and "protein_coords" not in withheld
+    assert "protein_input_ids" not in no_protein and "mm_encoder_outputs" not in no_protein
     assert not (no_protein["input_ids"] == processor.protein_token_id).any()
 
 
@@ -101,7 +106,9 @@ def test_the_pure_llm_reads_the_sequence_as_text_cut_as_it_was_trained(pure_llm,
     answers = generate_answers(model, tokenizer, rows, PURE_LLM, batch_size=8, max_new_tokens=3, progress=False)
     assert len(answers) == len(rows) and all(isinstance(answer, str) for answer in answers)
     (call,) = calls
-    assert set(call) == {"input_ids", "attention_mask"}  # text only: no protein tensors, no coordinates
+    # text only: no protein tensors, no coordinates, no features
+    tensors = {name for name, value in call.items() if isinstance(value, torch.Tensor)}
+    assert tensors == {"input_ids", "attention_mask"} and "mm_encoder_outputs" not in call
     prompts = tokenizer.batch_decode(call["input_ids"], skip_special_tokens=False)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["sequence"]))
     for prompt, i in zip(prompts, order, strict=True):

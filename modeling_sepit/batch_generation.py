@@ -1,0 +1,271 @@
+"""Greedy answers to many questions at once, the one generation loop of the project (`evaluation_sepit` builds each
+system's requests and calls it; `training/generate.py` and `training/evaluate.py` go through that).
+
+- Batches are cut from the requests sorted by a caller's key (length, then protein), so a batch pads little and the
+  questions about one protein fall together; the batches are the same whatever the number of processes, so every
+  answer is the same as in one process.
+- Data-parallel: under `accelerate launch` or `torchrun` each process (Accelerate's `PartialState`) answers every
+  N-th batch, round-robin rather than `split_between_processes`' contiguous chunks, which on length-sorted batches
+  would leave the longest to the last process; the answers are gathered (`gather_object`) back into input order.
+- Resumable: with a `shard_dir`, each process appends every finished batch to its own `rank-NNNNN.jsonl` and fsyncs
+  it; a rerun skips the batches already answered (in any process's file, whatever the earlier number of processes),
+  after cutting a line a kill left half-written. `settings.json` there refuses a rerun with other settings.
+- The protein encoder runs once per distinct protein per batch: several questions about one protein share one
+  `get_protein_features` pass, given to `generate` as `mm_encoder_outputs`.
+
+Also the two record formats of answers: the project's predictions (`predictions.jsonl`, one field per system, which
+`training/score.py` reads) and the original SEPIT release's inference output (`{"id", "conversation", "response"}`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset, load_dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .cli_sepit import check_dataset
+from .modeling_sepit import PROTEIN_INPUT_NAMES
+from .processing_sepit import SepitProcessor
+
+# (the user turn as messages, the proteins of its `<protein>` tags): what `generate` is asked, per question.
+Request = tuple[list[dict], list]
+# The columns a question row needs (the `instructions` config's; `captions` rows hold no question).
+QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
+SETTINGS_FILE = "settings.json"
+
+
+def question_rows(dataset_name: str, config: str | None, split: str | None) -> Dataset:
+    """The rows of a question split (split "test" of a folder without configs when `config` is None), refused with
+    a ValueError naming the argument when `load_dataset` could not load it or its rows hold no questions."""
+    field = "dataset_name" if config else "external_benchmarks"
+    check_dataset(dataset_name, config, field)
+    dataset = load_dataset(dataset_name, config, split=split)
+    missing = [column for column in QUESTION_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset_config: {config or 'default'} rows of {dataset_name} have no {missing} columns (no questions); "
+            "evaluate the 'instructions' config"
+        )
+    return dataset
+
+
+def prediction_records(rows: Sequence[dict], answers: dict[str, Sequence[str]]) -> Iterator[dict]:
+    """The project's predictions format, one record per row: accession, type, question, reference, then one field
+    per system with its answer."""
+    for i, row in enumerate(rows):
+        record = {"accession": row["accession"], "type": row["type"], "question": row["question"]}
+        yield record | {"reference": row["answer"], **{system: answers[system][i] for system in answers}}
+
+
+def original_records(rows: Sequence[dict], answers: Sequence[str]) -> Iterator[dict]:
+    """The original release's inference output, one record per row: `{"id", "conversation": [user, assistant],
+    "response"}`, so that its tools (and `training/score.py`) read our answers as they read its own. The response is
+    the answer alone: the original decoded the prompt too, which its scoring script cuts off again."""
+    for row, answer in zip(rows, answers, strict=True):
+        conversation = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        yield {"id": row["accession"], "conversation": conversation, "response": answer}
+
+
+def write_jsonl(path: Path, records: Iterator[dict]) -> None:
+    """JSON lines written to a temporary file, fsynced, then renamed over `path`: a reader (or a kill) sees the old
+    file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fingerprint(requests: Sequence[Request], sort_keys: Sequence) -> str:
+    """What identifies the questions of a run: every question's messages and sort key (its protein's sequence)."""
+    digest = hashlib.sha256()
+    for i in range(len(requests)):
+        digest.update(json.dumps([requests[i][0], repr(sort_keys[i])]).encode())
+    return digest.hexdigest()
+
+
+def _check_settings(shard_dir: Path, settings: dict[str, Any]) -> None:
+    """A ValueError naming `shard_dir` when it holds answers generated with other settings or questions."""
+    path = shard_dir / SETTINGS_FILE
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(key for key in settings.keys() | earlier.keys() if settings.get(key) != earlier.get(key))
+    if changed:
+        shown = ", ".join(f"{key} {earlier.get(key)!r} -> {settings.get(key)!r}" for key in changed[:3])
+        raise ValueError(
+            f"shard_dir: {shard_dir} holds answers generated with other settings ({shown}); rerun with the same ones "
+            "to resume, or start over in a new folder"
+        )
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Drop the bytes after the last newline: a line a kill left half-written."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+
+
+def _answered(shard_dir: Path) -> dict[int, str]:
+    """{row index: answer} of every complete line in every process's shard file."""
+    done: dict[int, str] = {}
+    for path in sorted(shard_dir.glob("rank-*.jsonl")):
+        for line in path.read_bytes().splitlines(keepends=True):
+            if line.endswith(b"\n"):
+                record = json.loads(line)
+                done.setdefault(record["index"], record["answer"])
+    return done
+
+
+def _shared_protein_features(model: PreTrainedModel, inputs: dict) -> dict:
+    """`inputs` with the protein tensors replaced by `mm_encoder_outputs`: each distinct protein of the batch (the same
+    tokens, coordinates and masks) encoded once, its features given to every question that asks about it."""
+    names = [name for name in PROTEIN_INPUT_NAMES if name in inputs]
+    tensors = {name: inputs.pop(name) for name in names}
+    rows = [tensor.cpu().numpy() for tensor in tensors.values()]
+    slot: dict[tuple[bytes, ...], int] = {}
+    firsts, occurrence = [], []
+    for i in range(len(rows[0])):
+        key = tuple(row[i].tobytes() for row in rows)
+        if key not in slot:
+            slot[key] = len(firsts)
+            firsts.append(i)
+        occurrence.append(slot[key])
+    index = torch.tensor(firsts, device=tensors[names[0]].device)
+    distinct = {name: tensor.index_select(0, index) for name, tensor in tensors.items()}
+    features = model.get_protein_features(**distinct, return_dict=True).pooler_output
+    shared = BaseModelOutputWithPooling(pooler_output=[features[i] for i in occurrence])
+    return {**inputs, "mm_encoder_outputs": {"protein": shared}}
+
+
+def _generate_batch(
+    model: PreTrainedModel,
+    processor: SepitProcessor | PreTrainedTokenizerBase,
+    requests: list[Request],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers to one batch (left-padded), in its order."""
+    conversations = [conversation for conversation, _ in requests]
+    proteins = [protein for _, protein in requests]
+    common = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    text_only = isinstance(processor, PreTrainedTokenizerBase)
+    if text_only:
+        inputs = processor.apply_chat_template(
+            conversations, padding=True, tokenizer_kwargs={"padding_side": "left"}, **common
+        )
+    else:
+        inputs = processor.apply_chat_template(
+            conversations,
+            proteins=proteins if any(proteins) else None,
+            processor_kwargs={"padding": True, "padding_side": "left"},
+            **common,
+        )
+    inputs = dict(inputs.to(model.device))
+    if "protein_input_ids" in inputs:
+        inputs = _shared_protein_features(model, inputs)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=(processor if text_only else processor.tokenizer).pad_token_id,
+    )
+    texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
+@torch.no_grad()
+def generate_in_batches(
+    model: PreTrainedModel,
+    processor: SepitProcessor | PreTrainedTokenizerBase,
+    requests: Sequence[Request],
+    sort_keys: Sequence,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    shard_dir: str | os.PathLike | None = None,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    description: str = "generating",
+) -> list[str]:
+    """Greedy answers to `requests`, in their order, on every process (see the module docstring). `processor` is a
+    `SepitProcessor`, or a tokenizer for a text-only model (PureLLM). Requests with equal `sort_keys` share batches
+    (give (length, protein) so that a protein's questions share its encoder pass).
+
+    `shard_dir`: the folder of the per-process answer files that make the run resumable (created; None keeps the
+    answers in memory only). `settings` (JSON values, e.g. the model's name) are stored there with the batch size,
+    the token limit and a fingerprint of the questions; a rerun with any of them changed is a ValueError."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(sort_keys) != len(requests):
+        raise ValueError(f"sort_keys: {len(sort_keys)} keys for {len(requests)} requests")
+    state = PartialState()
+    order = sorted(range(len(requests)), key=lambda i: sort_keys[i])
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    done: dict[int, str] = {}
+    handle = None
+    if shard_dir is not None:
+        shard_dir = Path(shard_dir)
+        stored = {
+            **(settings or {}),
+            "rows": len(requests),
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "questions_sha256": _fingerprint(requests, sort_keys),
+        }
+        _check_settings(shard_dir, stored)  # every process, before any waits for another
+        own = shard_dir / f"rank-{state.process_index:05d}.jsonl"
+        if state.is_main_process:
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl(shard_dir / SETTINGS_FILE, iter([stored]))
+        state.wait_for_everyone()
+        _cut_torn_line(own)
+        state.wait_for_everyone()  # no file is read while its process may still cut it
+        done = _answered(shard_dir)
+        handle = own.open("ab")
+    remaining = [batch for batch in batches if not all(i in done for i in batch)]
+    mine = remaining[state.process_index :: state.num_processes]
+    new: dict[int, str] = {}
+    model.eval()
+    try:
+        bar = tqdm(mine, desc=description, disable=not (progress and state.is_main_process))
+        for batch in bar:
+            answers = _generate_batch(model, processor, [requests[i] for i in batch], max_new_tokens)
+            new.update(zip(batch, answers, strict=True))
+            if handle is not None:
+                lines = "".join(json.dumps({"index": i, "answer": new[i]}) + "\n" for i in batch)
+                handle.write(lines.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+    finally:
+        if handle is not None:
+            handle.close()
+    for part in gather_object([new]):
+        done.update(part)
+    return [done[i] for i in range(len(requests))]
+
+
+__all__ = [
+    "QUESTION_COLUMNS",
+    "Request",
+    "generate_in_batches",
+    "original_records",
+    "prediction_records",
+    "question_rows",
+    "write_jsonl",
+]
