@@ -22,17 +22,16 @@ evaluation's folder, an empty one or a new path (else `--overwrite`).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import atomic_folder, check_output_path
-from modeling_sepit.cli_sepit import check_dataset, check_device, script_parser
+from modeling_sepit.batch_generation import prediction_records, question_rows, write_jsonl
+from modeling_sepit.cli_sepit import check_device, script_parser
 from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT_SYSTEMS, SYSTEMS, generate_answers, is_closed
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.metrics_sepit import PROTOCOLS, resolve_bertscore, score_answers, write_report
@@ -41,8 +40,6 @@ from modeling_sepit.pure_llm import load_pure_llm
 
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"  # the paper's evaluation config
 WRITER = "evaluate"
-# The columns a question row needs (the `instructions` config's; `captions` rows hold no question).
-QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
 
 
 @dataclass
@@ -135,21 +132,6 @@ class EvaluationArguments:
         ]
 
 
-def question_rows(dataset_name: str, config: str, split: str | None) -> Dataset:
-    """The rows of a question split (split "test" of a folder without configs when `config` is None), refused with
-    a ValueError naming the argument when `load_dataset` could not load it or its rows hold no questions."""
-    field = "dataset_name" if config else "external_benchmarks"
-    check_dataset(dataset_name, config, field)
-    dataset = load_dataset(dataset_name, config, split=split)
-    missing = [column for column in QUESTION_COLUMNS if column not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"dataset_config: {config or 'default'} rows of {dataset_name} have no {missing} columns (no questions); "
-            "evaluate the 'instructions' config"
-        )
-    return dataset
-
-
 def evaluate_benchmark(
     model: SepitForConditionalGeneration,
     processor: SepitProcessor,
@@ -187,11 +169,7 @@ def evaluate_benchmark(
         for system, predictions in answers.items()
     }
     write_report(results, output_dir, title=title)
-    with (output_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for i, row in enumerate(rows):
-            record = {"accession": row["accession"], "type": row["type"], "question": row["question"]}
-            record |= {"reference": row["answer"], **{system: answers[system][i] for system in answers}}
-            handle.write(json.dumps(record) + "\n")
+    write_jsonl(output_dir / "predictions.jsonl", prediction_records(rows, answers))
     return results
 
 
