@@ -471,9 +471,10 @@ def max_cross_identity(
 
 @dataclass(frozen=True)
 class Nearest:
-    """The reference closest to one query: its position in the references (the first of equal sequences) and their
-    identity. When every pair's bound fell below the threshold, nothing was aligned: `reference` is None, `exact` is
-    false and `identity` is the largest bound (the true value lies below it, and below the threshold)."""
+    """The reference closest to one query: its position in the references (the first of equal sequences, and of
+    equally identical ones) and their identity. When every pair's bound fell below the threshold, nothing was
+    aligned: `reference` is None, `exact` is false and `identity` is the largest bound (the true value lies below it,
+    and below the threshold)."""
 
     reference: int | None
     identity: float
@@ -510,7 +511,9 @@ def nearest_identities(
             first = block_end - bisect.bisect_left(keys[1 - side], _order_key(sequences[i]))
             spans.append((i, first, block_end - _count_too_short(ascending, len(sequences[i])), block_end))
     bound = [0.0] * count  # per query: the largest bound of its ruled-out pairs
-    best: list[tuple[float, int | None]] = [(0.0, None)] * count  # per query: (identity, reference id) aligned
+    # per query: (identity, -position in references) of the best aligned reference; ties go to the first reference,
+    # whatever order the threads finish in
+    best: list[tuple[float, int] | None] = [None] * count
 
     def screen(measure: _Measure, jobs: list[_Job], pool: ThreadPool) -> dict[int, list[int]]:
         survivors: dict[int, list[int]] = {}
@@ -534,15 +537,16 @@ def nearest_identities(
         jobs = [(i, sequences[i], targets.subset(ids), 0, len(ids)) for i, ids in close.items()]
         for i, j, identity in _run(_identities, jobs, pool, threads):
             query, reference = min(i, j), max(i, j)
-            if identity > best[query][0] or best[query][1] is None:
-                best[query] = (identity, reference)
+            candidate = (identity, -first_of[sequences[reference]])
+            if best[query] is None or candidate > best[query]:
+                best[query] = candidate
     found = {}
     for query, sequence in enumerate(sides[0]):
-        identity, reference = best[query]
+        identity, position = best[query] or (0.0, None)
         if sequence in first_of:  # the same sequence is a reference: identity 1 without alignment
             found[sequence] = Nearest(first_of[sequence], 1.0, True)
-        elif reference is not None and identity >= bound[query]:
-            found[sequence] = Nearest(first_of[sequences[reference]], identity, True)
+        elif position is not None and identity >= bound[query]:
+            found[sequence] = Nearest(-position, identity, True)
         else:
             found[sequence] = Nearest(None, max(identity, bound[query]), False)
     return [found[sequence] for sequence in normalized]

@@ -7,6 +7,10 @@ ROUGE-1/2/L, METEOR, BERTScore and yes/no accuracy, overall and per question typ
         --output_dir outputs/evaluation [--external_benchmarks outputs/instructprotein] \\
         [--pure_llm_model_name_or_path outputs/pure-llm] [--protocol sepit]
 
+With the dataset's train split, a fourth baseline needs no model: `retrieval` answers each question as the most
+identical training protein did (`dataset_card.retrieval_baseline`; `--retrieval false` leaves it out), and each
+benchmark's `metrics.md` and `retrieval.json` say how identical those neighbours were.
+
 `--protocol corpus` (the default) scores as this project does (corpus BLEU, fractions); `--protocol sepit` as the
 paper's evaluation script (per answer then averaged, x100, word-piece BLEU/METEOR, BERTScore on every layer), so the
 figures compare with the paper's. `training/score.py` rescores the predictions later, under either protocol.
@@ -26,8 +30,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets import get_dataset_split_names
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dataset_card.retrieval_baseline import RETRIEVAL, RETRIEVAL_THRESHOLD, retrieve_answers, write_neighbours
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import atomic_folder, check_output_path
 from modeling_sepit.batch_generation import prediction_records, question_rows, write_jsonl
@@ -62,6 +68,17 @@ class EvaluationArguments:
         metadata={
             "help": f"Systems to compare: any of {list(SYSTEMS)}; default: all ({PURE_LLM!r} when its folder is given)."
         },
+    )
+    retrieval: bool | None = field(
+        default=None,
+        metadata={
+            "help": f"Add {RETRIEVAL!r}: each question answered as the most identical training protein did; default: "
+            "when the dataset has a train split (true without one is an error)."
+        },
+    )
+    retrieval_threshold: float = field(
+        default=RETRIEVAL_THRESHOLD,
+        metadata={"help": "Neighbour identities at or above it are measured exactly (lower: more alignments)."},
     )
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     batch_size: int = field(default=8, metadata={"help": "Questions generated together."})
@@ -108,6 +125,8 @@ class EvaluationArguments:
                 f"pure_llm_model_name_or_path: the {PURE_LLM!r} system and its folder go together; give both (the "
                 "folder from training/pure_llm.py) or neither"
             )
+        if not 0.0 < self.retrieval_threshold <= 1.0:
+            raise ValueError(f"retrieval_threshold must be an identity in (0, 1], got {self.retrieval_threshold}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if self.batch_size < 1:
@@ -140,9 +159,12 @@ def evaluate_benchmark(
     output_dir: Path,
     title: str,
     pure_llm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    training: list[dict] | None = None,
 ) -> dict[str, dict]:
     """Answers of every system to `rows`, their scores, and the report files in `output_dir` (a staging folder).
-    `pure_llm`: the PureLLM and its tokenizer, which answer as `PURE_LLM`."""
+    `pure_llm`: the PureLLM and its tokenizer, which answer as `PURE_LLM`; `training`: the train split's rows, which
+    answer as `RETRIEVAL`."""
+    retrieved = retrieve_answers(rows, training, args.retrieval_threshold) if training is not None else None
     answers = {
         system: generate_answers(
             *(pure_llm if system == PURE_LLM else (model, processor)),
@@ -153,6 +175,8 @@ def evaluate_benchmark(
         )
         for system in args.systems
     }
+    if retrieved is not None:
+        answers[RETRIEVAL] = [found.answer for found in retrieved]
     references = [row["answer"] for row in rows]
     types = [row["type"] for row in rows]
     results = {
@@ -169,8 +193,26 @@ def evaluate_benchmark(
         for system, predictions in answers.items()
     }
     write_report(results, output_dir, title=title)
+    if retrieved is not None:
+        write_neighbours(rows, retrieved, output_dir, args.retrieval_threshold)
     write_jsonl(output_dir / "predictions.jsonl", prediction_records(rows, answers))
     return results
+
+
+def training_rows(args: EvaluationArguments) -> list[dict] | None:
+    """The train split's questions, from which the retrieval baseline answers; None when it is off (by default, when
+    the dataset has no train split). Only the columns it reads: a SEPIT-Data train split is about a million rows."""
+    if args.retrieval is False:
+        return None
+    if "train" not in get_dataset_split_names(args.dataset_name, args.dataset_config):
+        if args.retrieval:
+            raise ValueError(
+                f"retrieval: {args.dataset_name} ({args.dataset_config}) has no train split to retrieve answers from; "
+                "give the dataset the model was trained on, or --retrieval false"
+            )
+        return None
+    columns = ["accession", "sequence", "type", "question", "answer"]
+    return question_rows(args.dataset_name, args.dataset_config, "train").select_columns(columns).to_list()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         benchmarks = {"heldout": question_rows(args.dataset_name, args.dataset_config, args.split)}
         if args.external_benchmarks:
             benchmarks["instructprotein"] = question_rows(args.external_benchmarks, None, "test")
+        training = training_rows(args)
     except (ValueError, OSError) as error:  # arguments, model or dataset
         print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
@@ -203,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             model_name = Path(args.model_name_or_path).name
             title = f"{name}: {model_name} on {len(dataset)} questions ({with_structure} with a structure)"
             (staging / name).mkdir()
-            evaluate_benchmark(model, processor, dataset.to_list(), args, staging / name, title, pure_llm)
+            evaluate_benchmark(model, processor, dataset.to_list(), args, staging / name, title, pure_llm, training)
     for name in benchmarks:
         print(f"{name}: {output_dir / name / 'metrics.md'}")
         print((output_dir / name / "metrics.md").read_text(encoding="utf-8"))
