@@ -45,10 +45,11 @@ QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "stru
 SETTINGS_FILE = "settings.json"
 
 
-def question_rows(dataset_name: str, config: str | None, split: str | None) -> Dataset:
+def question_rows(dataset_name: str, config: str | None, split: str | None, field: str | None = None) -> Dataset:
     """The rows of a question split (split "test" of a folder without configs when `config` is None), refused with
-    a ValueError naming the argument when `load_dataset` could not load it or its rows hold no questions."""
-    field = "dataset_name" if config else "external_benchmarks"
+    a ValueError naming the argument (`field`; by default `dataset_name`, or `external_benchmarks` without a config)
+    when `load_dataset` could not load it or its rows hold no questions."""
+    field = field or ("dataset_name" if config else "external_benchmarks")
     check_dataset(dataset_name, config, field)
     dataset = load_dataset(dataset_name, config, split=split)
     missing = [column for column in QUESTION_COLUMNS if column not in dataset.column_names]
