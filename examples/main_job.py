@@ -42,6 +42,7 @@ BENCHMARKS = ("heldout", "instructprotein")
 # What the model card and the closing table say of each scoring protocol's figures.
 CORPUS_NOTE = "Protocol `corpus` (this project's: fractions in [0, 1], corpus BLEU):"
 SEPIT_NOTE = "Protocol `sepit` (the paper's evaluation script, `training/score.py`: per answer, then the mean, x100):"
+NEIGHBOURS = "## Retrieval neighbours"  # evaluate.py's section on the identities the retrieval baseline relied on
 
 
 @dataclass
@@ -173,19 +174,24 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
     results = "\n\n".join(
         [
             "Greedy answers; BLEU/ROUGE/METEOR/BERTScore on open-ended questions, yes/no accuracy on closed ones; "
-            "the baselines are the same model with the structure withheld, its LLM with no protein, and PureLLM (the "
+            "the baselines are the same model with the structure withheld, its LLM with no protein, PureLLM (the "
             "paper's baseline: the same LLM fine-tuned on the same questions and steps as stage 2, with the amino-acid "
-            "sequence written in the prompt as text).",
+            "sequence written in the prompt as text), and retrieval (no model: each question answered as the most "
+            "identical training protein asked a question of its type did; yes/no by its answer to the same question, "
+            "else the training majority); how identical its neighbours were follows each benchmark's tables (splits "
+            "built by this project keep every test protein below 50% identity to training).",
             "### Held-out test split",
             CORPUS_NOTE,
             table_section(paths["evaluation"] / "heldout" / "metrics.md", "## Overall"),
             SEPIT_NOTE,
             table_section(paths["evaluation_sepit"] / "heldout" / "metrics.md", "## Overall"),
+            table_section(paths["evaluation"] / "heldout" / "metrics.md", NEIGHBOURS),
             "### InstructProtein yes/no test sets (metal-ion binding, GO molecular function)",
             CORPUS_NOTE,
             table_section(paths["evaluation"] / "instructprotein" / "metrics.md", "## Per question type"),
             SEPIT_NOTE,
             table_section(paths["evaluation_sepit"] / "instructprotein" / "metrics.md", "## Per question type"),
+            table_section(paths["evaluation"] / "instructprotein" / "metrics.md", NEIGHBOURS),
         ]
     )
     if not args.protein_model:
@@ -308,6 +314,10 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
         print(f"   {step:<20} {seconds:6.0f} s")
     for note, folder in ((CORPUS_NOTE, paths["evaluation"]), (SEPIT_NOTE, paths["evaluation_sepit"])):
         print(f"{note}\n{table_section(folder / 'heldout' / 'metrics.md', '## Overall')}")
+    for benchmark in BENCHMARKS:
+        section = table_section(paths["evaluation"] / benchmark / "metrics.md", NEIGHBOURS)
+        table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+        print(f"Retrieval neighbours ({benchmark}), nearest training protein of the question's type:\n{table}")
     print(f"Hub-ready dataset folder:  {paths['dataset']} (README.md is its dataset card)")
     print(f"stage folders:             {paths['stage0']}, {paths['stage1']}, {paths['stage2']}")
     print(f"PureLLM baseline folder:   {paths['pure_llm']}")
