@@ -56,7 +56,10 @@ def within_capacity(expert_ids: torch.Tensor, top_k: int, num_experts: int, capa
     position = torch.arange(assignments, device=expert_ids.device)
     priority = (position % top_k) * (assignments // top_k) + torch.div(position, top_k, rounding_mode="floor")
     order = torch.argsort(expert_ids * assignments + priority)
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    # scatter_add, not bincount: its output has num_experts entries whatever the ids (a static shape under compile)
+    counts = torch.zeros(num_experts, dtype=position.dtype, device=position.device).scatter_add_(
+        0, expert_ids, torch.ones_like(position)
+    )
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(position)
     rank[order] = position - starts[expert_ids[order]]
@@ -81,6 +84,10 @@ class SepitSparseMoeBlock(nn.Module):
         expert_ids, weights = top_index.flatten(), top_weights.flatten()
         token_ids = torch.div(torch.arange(expert_ids.numel(), device=expert_ids.device), top_k, rounding_mode="floor")
         capacity = expert_capacity(hidden_states.shape[0], self.config, self.training)
+        if torch.compiler.is_compiling():
+            return self._dense_forward(hidden_states, expert_ids, weights, token_ids, capacity).reshape(
+                batch_size, sequence_length, hidden_dim
+            )
         if capacity is not None:
             keep = within_capacity(expert_ids, top_k, len(self.experts), capacity)
             expert_ids, weights, token_ids = expert_ids[keep], weights[keep], token_ids[keep]
@@ -98,6 +105,27 @@ class SepitSparseMoeBlock(nn.Module):
             expert_out = expert_out * weights[order, None].to(expert_out.dtype)
             output = output.index_add(0, token_ids, expert_out.to(hidden_states.dtype))
         return output.reshape(batch_size, sequence_length, hidden_dim)
+
+    def _dense_forward(
+        self,
+        hidden_states: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        token_ids: torch.Tensor,
+        capacity: int | None,
+    ) -> torch.Tensor:
+        """The same sum with static shapes, for torch.compile: every expert runs on every token and is weighted by its
+        routing weight, 0 where the token is not routed to it (or dropped beyond capacity). Splitting tokens per expert
+        needs their counts on the host, which a full graph cannot have; the price is num_experts x the FFN compute."""
+        if capacity is not None:
+            weights = weights * within_capacity(expert_ids, self.gate.top_k, len(self.experts), capacity)
+        routing = weights.new_zeros(hidden_states.shape[0], len(self.experts)).index_put(
+            (token_ids, expert_ids), weights, accumulate=True
+        )
+        output = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self.experts):
+            output = output + expert(hidden_states) * routing[:, index, None].to(hidden_states.dtype)
+        return output
 
 
 def load_balancing_loss(
