@@ -215,7 +215,7 @@ def generate_in_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if len(sort_keys) != len(requests):
         raise ValueError(f"sort_keys: {len(sort_keys)} keys for {len(requests)} requests")
-    state = PartialState()
+    state = PartialState(cpu=model.device.type == "cpu")  # on CPU, torchrun's processes are joined only when told
     order = sorted(range(len(requests)), key=lambda i: sort_keys[i])
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     done: dict[int, str] = {}

@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # arguments, model or dataset
         print(f"generate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    state = PartialState()
     device = torch.device(args.device)
+    state = PartialState(cpu=device.type == "cpu")  # joins the processes of accelerate launch / torchrun
     if state.num_processes > 1 and device.type == state.device.type:
         device = state.device  # each process its own GPU
     output_dir = Path(args.output_dir)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=args.settings,
         )
     except ValueError as error:  # the shards of an earlier run with other settings
-        print(f"generate: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"generate: error: {' '.join(str(error).split())} (--overwrite starts over here)", file=sys.stderr)
         return 2
     if state.is_main_process:
         write_jsonl(output_dir / "predictions.jsonl", prediction_records(rows, {args.system: answers}))
