@@ -1,6 +1,7 @@
 """The main job end to end with every stage cut to two steps: dataset, stages 0 -> 1 -> 2, the PureLLM baseline,
-evaluation with every baseline under both scoring protocols, the Hub-ready folder with its model card, the
-fresh-process reload answering held-out questions, and the push of model and dataset at the network boundary."""
+evaluation with every baseline (retrieval included) under both scoring protocols, the Hub-ready folder with its model
+card, the fresh-process reload answering held-out questions, and the push of model and dataset at the network
+boundary."""
 
 import json
 import runpy
@@ -9,6 +10,7 @@ from unittest import mock
 
 import pytest
 
+from dataset_card.retrieval_baseline import RETRIEVAL
 from modeling_sepit.evaluation_sepit import PURE_LLM, SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,16 +35,18 @@ def test_main_job_builds_trains_evaluates_publishes_and_reloads(tmp_path, capfd)
 
     for stage in ("stage0", "stage1", "stage2", "pure-llm"):
         assert (output / stage / "loss_curve.png").stat().st_size > 1000
-    assert "| metric | " + " | ".join(SYSTEMS) + " |" in printed  # SEPIT, its two baselines and PureLLM
+    header = "| metric | " + " | ".join([*SYSTEMS, RETRIEVAL]) + " |"  # SEPIT, its two baselines, PureLLM, retrieval
     # the same answers under both protocols, in the closing table and the model card
-    assert printed.count("| metric | " + " | ".join(SYSTEMS) + " |") >= 2 and "Protocol `sepit` (the paper's" in printed
+    assert printed.count(header) >= 2 and "Protocol `sepit` (the paper's" in printed
     for benchmark in ("heldout", "instructprotein"):
         scored = json.loads((output / "evaluation-sepit" / benchmark / "metrics.json").read_text())
-        assert list(scored) == list(SYSTEMS) and scored["sepit"]["settings"]["protocol"] == "sepit"
+        assert list(scored) == [*SYSTEMS, RETRIEVAL] and scored["sepit"]["settings"]["protocol"] == "sepit"
+        assert f"Retrieval neighbours ({benchmark})" in printed
     card = (output / "hub-model" / "README.md").read_text()
     assert card.count("Protocol `corpus` (this project's") == 2 and card.count("Protocol `sepit` (the paper's") == 2
     assert "## Evaluation" in card and "| yes/no accuracy |" in card and "| split | proteins |" in card
     assert f"| {PURE_LLM} |" in card and "PureLLM (the paper's baseline" in card
+    assert f"| {RETRIEVAL} |" in card and card.count("| median identity | at >= 50% identity |") == 2
     assert (output / "hub-model" / "model.safetensors").is_file() and (output / "dataset" / "README.md").is_file()
     # The fresh process loaded the class from the folder's own code and answered all three requests.
     assert "(transformers_modules." in printed and printed.count("  answer:    ") == 3
