@@ -446,9 +446,10 @@ class SepitModel(SepitPreTrainedModel):
             listed = isinstance(precomputed.pooler_output, list | tuple)
             tokens = torch.tensor([len(piece) for piece in pieces]) if listed else len(protein_features)
             self._check_placeholder_count(placeholder, tokens, "mm_encoder_outputs['protein']")
-        elif not is_tracing() and not (cache is not None and cache.get_seq_length() > 0):
+        elif input_ids is not None and not is_tracing() and not (cache is not None and cache.get_seq_length() > 0):
             # Prompts only: decoding steps read the proteins from the cache, and `generate` never emits `<protein>`
-            # unless told to (the original release embedded a generated `<protein>` as text).
+            # unless told to (the original release embedded a generated `<protein>` as text). `inputs_embeds` without
+            # proteins are used as given, as LLaVA does: the caller may have placed the protein features already.
             if bool(placeholder.any()):
                 raise ValueError(
                     "`input_ids` contain `<protein>` tokens but no `protein_input_ids` were given: pass the proteins "

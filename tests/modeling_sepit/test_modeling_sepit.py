@@ -565,6 +565,21 @@ def test_inputs_embeds_with_proteins_as_llava_does(model, prompt):
     assert torch.equal(from_embeds, greedy)  # `generate(inputs_embeds=...)` returns the new tokens only
 
 
+def test_inputs_embeds_without_proteins_are_used_as_given(model, prompt):
+    """Embeddings the caller built, protein features already in place, generate as they are (as LLaVA's do); the same
+    prompt as ids with placeholders and no proteins is refused."""
+    rest = {k: v for k, v in prompt.items() if k in ("attention_mask",)}
+    with torch.no_grad():
+        features = model.get_protein_features(**{k: v for k, v in prompt.items() if k.startswith("protein_")})
+        embeds = model.get_input_embeddings()(prompt["input_ids"])
+        placeholder = (prompt["input_ids"] == PROTEIN_TOKEN_ID).unsqueeze(-1)
+        embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
+        spliced = model(inputs_embeds=embeds, **rest).logits
+        torch.testing.assert_close(spliced, model(**prompt).logits)
+        with pytest.raises(ValueError, match="no `protein_input_ids` were given"):
+            model(input_ids=prompt["input_ids"], **rest)
+
+
 def test_past_key_values_is_the_cache(model, prompt):
     step = torch.full((prompt["input_ids"].shape[0], 1), 5)
     mask = torch.cat([prompt["attention_mask"], torch.ones_like(step)], dim=1)
