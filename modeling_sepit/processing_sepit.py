@@ -565,6 +565,16 @@ class SepitProcessor(ProcessorMixin):
     def decode(self, *args, **kwargs) -> str:
         return self.tokenizer.decode(*args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As ProcessorMixin's; the `auto_map` that saving with remote code sets on the processor is removed again
+        once written (transformers does so for the tokenizers), so saving does not change `to_dict()`."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
+
     def get_data_collator(self, structure_dropout: float = 0.15, seed: int | None = None) -> "SepitDataCollator":
         """The training collator for this processor: reachable from any folder the processor loads from (also with
         `trust_remote_code`), for `Trainer(data_collator=processor.get_data_collator())`."""

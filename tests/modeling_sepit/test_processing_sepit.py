@@ -133,7 +133,12 @@ def test_long_proteins_are_truncated_with_sequence_and_coordinates(processor, re
 
 
 def test_save_and_load_through_auto_processor(processor, tmp_path):
+    before = processor.to_dict()
     processor.save_pretrained(tmp_path)
+    assert processor.to_dict() == before  # saving leaves the processor as it was (no `auto_map` set on it)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_sepit.SepitProcessor"
+    }
     assert (tmp_path / "protein_tokenizer").is_dir() and (tmp_path / "chat_template.jinja").is_file()
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, SepitProcessor) and loaded.chat_template == processor.chat_template
