@@ -137,11 +137,15 @@ class SepitConfig(PreTrainedConfig):
             if value is not None:
                 setattr(self.text_config, name, value)
             elif getattr(self.text_config, name, None) is None:
+                if dense and name == "output_router_logits":
+                    # A dense LLM has no router logits to output: without the flag, transformers and TRL see a dense
+                    # model (TRL refuses a router_aux_loss_coef for it); upcycling sets it.
+                    continue
                 # A dense LLM has no router: a zero coefficient tells TRL there is no load-balancing loss to add.
                 default = 0.0 if name == "router_aux_loss_coef" and dense else MOE_DEFAULTS[name]
                 setattr(self.text_config, name, default)
             # Mirrored for reading; the model and TRL read the text config.
-            setattr(self, name, getattr(self.text_config, name))
+            setattr(self, name, getattr(self.text_config, name, None))
         self.validate_sepit()
 
     def validate_sepit(self) -> None:

@@ -1116,6 +1116,7 @@ class SepitForConditionalGeneration(SepitPreTrainedModel, GenerationMixin):
             "router_aux_loss_coef": router_aux_loss_coef,
             "expert_capacity_factor": expert_capacity_factor,
             "expert_eval_capacity_factor": expert_eval_capacity_factor,
+            "output_router_logits": bool(getattr(text_config, "output_router_logits", False)),
         }
         for name in ("expert_capacity_factor", "expert_eval_capacity_factor"):
             if settings[name] is not None and not settings[name] > 0:

@@ -737,7 +737,12 @@ def test_moe_parallel_plan_router_init_and_router_logits_from_config(prompt, bui
     if built == "from_config":
         model = SepitForConditionalGeneration(tiny_config(num_experts=2)).eval()
     else:
-        model = SepitForConditionalGeneration(tiny_config()).eval().upcycle_to_moe(num_experts=2)
+        dense = SepitForConditionalGeneration(tiny_config()).eval()
+        # A dense LLM has no router logits to output (TRL then refuses a router_aux_loss_coef for it); upcycling
+        # gives the flag, off by default.
+        assert not hasattr(dense.config.text_config, "output_router_logits")
+        model = dense.upcycle_to_moe(num_experts=2)
+    assert model.config.text_config.output_router_logits is False
     names = [name for name, _ in model.named_modules()]
     for pattern in model.tp_plan:  # every tensor-parallel entry names modules that exist (the experts' projections)
         regex = re.compile(pattern.replace(".", r"\.").replace("*", r"\d+"))
