@@ -361,13 +361,13 @@ def kernel_report(model: SepitForConditionalGeneration) -> dict[str, float | boo
         distances = torch.linspace(2.0, 40.0, 77)
         bias = structure.kernel_proj_out(F.gelu(structure.kernel_proj_in(kernels(distances))))  # (distances, heads)
         variation = float((bias.max(0).values - bias.min(0).values).max())
-    report = {
-        "means_min": float(kernels.means.min()),
-        "means_max": float(kernels.means.max()),
-        "widths_min": float(kernels.stds.abs().min()),
-        "widths_max": float(kernels.stds.abs().max()),
-        "bias_variation_2_40A": variation,
-    }
+        report = {
+            "means_min": float(kernels.means.min()),
+            "means_max": float(kernels.means.max()),
+            "widths_min": float(kernels.stds.abs().min()),
+            "widths_max": float(kernels.stds.abs().max()),
+            "bias_variation_2_40A": variation,
+        }
     report["degenerate"] = variation < 1e-6
     return report
 

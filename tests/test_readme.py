@@ -1,12 +1,15 @@
 """The README's code, taken from README.md itself so that it cannot drift: every ```python block runs as written (in
 a fresh namespace, in an empty working folder, on tiny parts in place of the real checkpoints it names), and every
-command of the ```bash blocks names a script or console script whose `--help` exits 0 and lists each flag the
-command passes, with the repository files it names present. A failure names the README line of its block."""
+command of the ```bash blocks names a script or console script (or a dependency's subcommand: `hf download`) whose
+`--help` exits 0 and lists each flag the command passes, with the repository files it names present. A failure names
+the README line of its block."""
 
 import ast
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ STAND_INS = {
     "me/sepit-tiny-lora": "hub_model",  # what a Hub fine-tuning job pushes (a folder of the same kind)
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Console scripts of dependencies that README commands run (`hf download`): `<program> <subcommand> --help`.
+DEPENDENCY_COMMANDS = {"hf"}
 
 
 def code_blocks(language: str) -> list[tuple[int, str]]:
@@ -120,6 +125,14 @@ def python_argv(tokens: list[str], line: int) -> list[str]:
     return [name]
 
 
+def dependency_help(tokens: list[str], line: int) -> str:
+    """The help of a dependency's subcommand (`hf download --help`), from the console script beside this Python."""
+    program = Path(sys.executable).with_name(tokens[0])
+    result = subprocess.run([program, tokens[1], "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"README.md:{line}: {shlex.join(tokens[:2])} --help exits {result.returncode}"
+    return result.stdout
+
+
 @pytest.mark.parametrize(
     ("line", "command"),
     BASH_COMMANDS,
@@ -128,15 +141,18 @@ def python_argv(tokens: list[str], line: int) -> list[str]:
 def test_bash_command_resolves_and_its_flags_exist(line, command, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     tokens = [token.strip("[]") for token in shlex.split(command, comments=True)]
-    argv = python_argv(tokens, line)
-    if argv[0] == "-m" and not (ROOT / argv[1].replace(".", "/")).with_suffix(".py").is_file():
-        pytest.importorskip(argv[1])  # another project's module (pytest): there to be run, not ours to document
-        return
-    code, text, err = run_command_line([*argv, "--help"])
-    assert code == 0, f"README.md:{line}: {shlex.join(argv)} --help exits {code}: {err[-1500:]}"
-    if "--help-all" in text:
-        code, text, err = run_command_line([*argv, "--help-all"])
-        assert code == 0, f"README.md:{line}: {shlex.join(argv)} --help-all exits {code}: {err[-1500:]}"
+    if tokens[0] in DEPENDENCY_COMMANDS:
+        text = dependency_help(tokens, line)
+    else:
+        argv = python_argv(tokens, line)
+        if argv[0] == "-m" and not (ROOT / argv[1].replace(".", "/")).with_suffix(".py").is_file():
+            pytest.importorskip(argv[1])  # another project's module (pytest): there to be run, not ours to document
+            return
+        code, text, err = run_command_line([*argv, "--help"])
+        assert code == 0, f"README.md:{line}: {shlex.join(argv)} --help exits {code}: {err[-1500:]}"
+        if "--help-all" in text:
+            code, text, err = run_command_line([*argv, "--help-all"])
+            assert code == 0, f"README.md:{line}: {shlex.join(argv)} --help-all exits {code}: {err[-1500:]}"
     for flag in (token for token in tokens if token.startswith("--")):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"README.md:{line}: {flag} is no option"
     for path in re.findall(r"(?<![\w./-])([\w.-]+/[\w./-]+)", command):
