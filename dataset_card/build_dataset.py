@@ -30,7 +30,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
-from dataset_card.card import DatasetStatistics, push_dataset, write_card
+from dataset_card.card import DatasetStatistics, push_and_report, write_card
 from dataset_card.homology import (
     CrossIdentity,
     cluster_by_identity,
@@ -356,17 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result.statistics.summary())
     print(f"dataset written to {result.output_dir}")
     if args.push_to_hub:
-        try:
-            url = push_dataset(result.output_dir, args.push_to_hub, private=args.private)
-        except Exception as error:  # noqa: BLE001 - network, token or permission: the built dataset stays
-            reason = " ".join(f"{type(error).__name__}: {error}".split())
-            print(
-                f"build_dataset: error: push_to_hub: {reason[:300]}; the dataset is in {result.output_dir}, push it "
-                "again with dataset_card.card.push_dataset",
-                file=sys.stderr,
-            )
-            return 2
-        print(f"pushed to {url}")
+        return push_and_report(result.output_dir, args.push_to_hub, args.private, "build_dataset")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,4 +213,21 @@ def push_dataset(
     return str(commit)
 
 
-__all__ = ["DatasetStatistics", "declare_configs", "push_dataset", "size_category", "write_card"]
+def push_and_report(folder: Path, repo_id: str, private: bool, program: str) -> int:
+    """A command's `--push_to_hub` step: push the written dataset and print where; a failure (network, token,
+    permission) is one line naming the folder, which stays, and exit status 2."""
+    try:
+        url = push_dataset(folder, repo_id, private=private)
+    except Exception as error:  # noqa: BLE001 - whatever the Hub says, the written dataset stays
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        print(
+            f"{program}: error: push_to_hub: {reason[:300]}; the dataset is in {folder}, push it again with "
+            "dataset_card.card.push_dataset",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"pushed to {url}")
+    return 0
+
+
+__all__ = ["DatasetStatistics", "declare_configs", "push_and_report", "push_dataset", "size_category", "write_card"]

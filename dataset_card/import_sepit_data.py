@@ -37,7 +37,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from dataset_card.build_dataset import CONFIGS, FEATURES
-from dataset_card.card import LENGTH_EDGES, declare_configs, push_dataset, size_category
+from dataset_card.card import LENGTH_EDGES, declare_configs, push_and_report, size_category
 from dataset_card.homology import nearest_identities
 from dataset_card.instructions import CAPTION_TEMPLATES
 from dataset_card.uniprot_reader import ReadProblem
@@ -649,17 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     print(f"dataset written to {result.output_dir}")
     if args.push_to_hub:
-        try:
-            url = push_dataset(result.output_dir, args.push_to_hub, private=args.private)
-        except Exception as error:  # noqa: BLE001 - network, token or permission: the imported dataset stays
-            reason = " ".join(f"{type(error).__name__}: {error}".split())
-            print(
-                f"import_sepit_data: error: push_to_hub: {reason[:300]}; the dataset is in {result.output_dir}, push "
-                "it again with dataset_card.card.push_dataset",
-                file=sys.stderr,
-            )
-            return 2
-        print(f"pushed to {url}")
+        return push_and_report(result.output_dir, args.push_to_hub, args.private, "import_sepit_data")
     return 0
 
 

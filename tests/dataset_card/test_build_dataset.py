@@ -22,7 +22,7 @@ from dataset_card.build_dataset import (
     build_dataset,
     main,
 )
-from dataset_card.card import push_dataset
+from dataset_card.card import push_and_report, push_dataset
 from dataset_card.homology import cluster_by_identity, split_clusters
 from dataset_card.instructions import OPEN_ENDED, YES_NO, caption
 from dataset_card.structures import StructureIndex
@@ -178,6 +178,19 @@ def test_push_uploads_the_folder_at_the_network_boundary(built, tmp_path) -> Non
     assert url.endswith("/commit/1")
     with pytest.raises(ValueError, match="not a built dataset folder"):
         push_dataset(tmp_path, "me/sepit")
+
+
+def test_a_failed_push_is_one_line_and_the_dataset_stays(built, capsys) -> None:
+    with mock.patch("dataset_card.card.HfApi") as api:
+        api.return_value.upload_folder.side_effect = OSError("403 Forbidden:\n  no write access")
+        assert push_and_report(built.output_dir, "me/sepit", False, "build_dataset") == 2
+        api.return_value.upload_folder.side_effect = None
+        api.return_value.upload_folder.return_value = "https://huggingface.co/datasets/me/sepit/commit/2"
+        assert push_and_report(built.output_dir, "me/sepit", False, "build_dataset") == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("build_dataset: error: push_to_hub: OSError: 403 Forbidden: no")
+    assert f"the dataset is in {built.output_dir}" in err and (built.output_dir / "README.md").is_file()
+    assert out.strip().endswith("pushed to https://huggingface.co/datasets/me/sepit/commit/2")
 
 
 def test_cli_help_and_bad_input(capsys, tmp_path) -> None:
