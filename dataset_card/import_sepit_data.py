@@ -28,8 +28,8 @@ from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
-import h5py
 import numpy as np
 from datasets.arrow_writer import ParquetWriter
 from huggingface_hub import DatasetCard, DatasetCardData, constants
@@ -173,6 +173,15 @@ class Protein:
         }
 
 
+def _h5py() -> ModuleType:
+    """h5py, imported when a release is read (not for `--help`); it comes with the `train` extra."""
+    try:
+        import h5py
+    except ImportError as error:
+        raise ValueError("input_dir: reading pdb.h5 needs h5py: pip install 'sepit-hf[train]' (or h5py)") from error
+    return h5py
+
+
 class ProteinStore:
     """The proteins of `pdb.h5` and `sequences.csv` by id, read on demand: HDF5 groups when asked for, the CSV through
     an SQLite index on disk (`index`), the last few thousand answers cached (rows of one protein are usually
@@ -180,7 +189,7 @@ class ProteinStore:
 
     def __init__(self, folder: Path, index: Path, report: ImportReport) -> None:
         h5 = folder / "pdb.h5"
-        self.h5 = h5py.File(h5, "r") if h5.is_file() else None
+        self.h5 = _h5py().File(h5, "r") if h5.is_file() else None
         self.db = sqlite3.connect(index)
         self.db.execute("CREATE TABLE sequences (id TEXT PRIMARY KEY, sequence TEXT)")
         if (folder / "sequences.csv").is_file():
@@ -227,7 +236,7 @@ class ProteinStore:
 
     def _read(self, protein_id: str) -> Protein:
         group = self.h5.get(protein_id) if self.h5 is not None else None
-        if isinstance(group, h5py.Group) and group.name == f"/{protein_id}":  # not "." (the root) nor a path
+        if isinstance(group, _h5py().Group) and group.name == f"/{protein_id}":  # not "." (the root) nor a path
             return _structure_protein(protein_id, group)
         row = self.db.execute("SELECT sequence FROM sequences WHERE id = ?", (protein_id,)).fetchone()
         if row is None:

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .cli_sepit import check_dataset
 from .modeling_sepit import PROTEIN_INPUT_NAMES
+from .pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 from .processing_sepit import SepitProcessor
 
 # (the user turn as messages, the proteins of its `<protein>` tags): what `generate` is asked, per question.
@@ -43,6 +44,17 @@ Request = tuple[list[dict], list]
 # The columns a question row needs (the `instructions` config's; `captions` rows hold no question).
 QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
 SETTINGS_FILE = "settings.json"
+
+
+def check_generation_settings(max_samples: int | None, batch_size: int, max_new_tokens: int) -> None:
+    """The limits every generating command shares, checked before a model loads: at least one question, one per
+    batch and one new token, at most the pipeline's token limit."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
 
 
 def question_rows(dataset_name: str, config: str | None, split: str | None, field: str | None = None) -> Dataset:

@@ -36,12 +36,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dataset_card.retrieval_baseline import RETRIEVAL, RETRIEVAL_THRESHOLD, retrieve_answers, write_neighbours
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import atomic_folder, check_output_path
-from modeling_sepit.batch_generation import prediction_records, question_rows, write_jsonl
+from modeling_sepit.batch_generation import check_generation_settings, prediction_records, question_rows, write_jsonl
 from modeling_sepit.cli_sepit import check_device, script_parser
 from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT_SYSTEMS, SYSTEMS, generate_answers, is_closed
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.metrics_sepit import PROTOCOLS, resolve_bertscore, score_answers, write_report
-from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 from modeling_sepit.pure_llm import load_pure_llm
 
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"  # the paper's evaluation config
@@ -127,12 +126,7 @@ class EvaluationArguments:
             )
         if not 0.0 < self.retrieval_threshold <= 1.0:
             raise ValueError(f"retrieval_threshold must be an identity in (0, 1], got {self.retrieval_threshold}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
+        check_generation_settings(self.max_samples, self.batch_size, self.max_new_tokens)
         self.bertscore_model, self.bertscore_num_layers = resolve_bertscore(
             self.bertscore_model, self.bertscore_num_layers, self.protocol
         )

@@ -27,11 +27,16 @@ from accelerate import PartialState
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import check_output_path, claim_output_folder
-from modeling_sepit.batch_generation import original_records, prediction_records, question_rows, write_jsonl
+from modeling_sepit.batch_generation import (
+    check_generation_settings,
+    original_records,
+    prediction_records,
+    question_rows,
+    write_jsonl,
+)
 from modeling_sepit.cli_sepit import check_device, script_parser
 from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT, SYSTEMS, generate_answers
 from modeling_sepit.hub_sepit import require_local_or_cached
-from modeling_sepit.pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
 from modeling_sepit.pure_llm import load_pure_llm
 
 WRITER = "generate"
@@ -67,12 +72,7 @@ class GenerationArguments:
             raise ValueError(f"model_name_or_path: {given} is not a folder; give a model folder or a Hub id")
         if self.system not in SYSTEMS:
             raise ValueError(f"system: {self.system!r}; choose from {list(SYSTEMS)}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
+        check_generation_settings(self.max_samples, self.batch_size, self.max_new_tokens)
         if not self.split or "/" in self.split:
             raise ValueError(f"split: {self.split!r} is not a split name")
         check_device(self.device)
