@@ -25,12 +25,9 @@ from pathlib import Path
 import numpy as np
 from datasets import Features, List, Value
 from datasets.arrow_writer import ParquetWriter
-from huggingface_hub import constants
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
-from dataset_card.card import DatasetStatistics, push_and_report, write_card
+from dataset_card.card import DatasetStatistics, check_push_target, push_and_report, write_card
 from dataset_card.homology import (
     CrossIdentity,
     cluster_by_identity,
@@ -144,15 +141,7 @@ class BuildArguments:
         if self.clusters_tsv and not Path(self.clusters_tsv).is_file():
             raise ValueError(f"clusters_tsv: {self.clusters_tsv} is not a file; give an MMseqs2 cluster TSV")
         if self.push_to_hub:
-            try:
-                validate_repo_id(self.push_to_hub)
-            except HFValidationError as error:
-                raise ValueError(f"push_to_hub: {self.push_to_hub} is not a Hub repo id ({error})") from None
-            if constants.HF_HUB_OFFLINE:
-                raise ValueError(
-                    f"push_to_hub: HF_HUB_OFFLINE=1, so {self.push_to_hub} cannot be reached; build without "
-                    "--push_to_hub and push the folder later with dataset_card.card.push_dataset"
-                )
+            check_push_target(self.push_to_hub, "build")
 
 
 @dataclass

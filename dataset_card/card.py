@@ -12,7 +12,9 @@ from pathlib import Path
 
 from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi
+from huggingface_hub import DatasetCard, DatasetCardData, HfApi, constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from dataset_card.homology import CrossIdentity
 from modeling_sepit.atomic_folder import MARKER
@@ -213,6 +215,19 @@ def push_dataset(
     return str(commit)
 
 
+def check_push_target(repo_id: str, command: str) -> None:
+    """A `--push_to_hub` repo checked before anything is written: a valid id, and the Hub reachable (not offline)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"push_to_hub: {repo_id} is not a Hub repo id ({error})") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"push_to_hub: HF_HUB_OFFLINE=1, so {repo_id} cannot be reached; {command} without --push_to_hub and push "
+            "the folder later with dataset_card.card.push_dataset"
+        )
+
+
 def push_and_report(folder: Path, repo_id: str, private: bool, program: str) -> int:
     """A command's `--push_to_hub` step: push the written dataset and print where; a failure (network, token,
     permission) is one line naming the folder, which stays, and exit status 2."""
@@ -230,4 +245,12 @@ def push_and_report(folder: Path, repo_id: str, private: bool, program: str) -> 
     return 0
 
 
-__all__ = ["DatasetStatistics", "declare_configs", "push_and_report", "push_dataset", "size_category", "write_card"]
+__all__ = [
+    "DatasetStatistics",
+    "check_push_target",
+    "declare_configs",
+    "push_and_report",
+    "push_dataset",
+    "size_category",
+    "write_card",
+]

@@ -32,12 +32,10 @@ from types import ModuleType
 
 import numpy as np
 from datasets.arrow_writer import ParquetWriter
-from huggingface_hub import DatasetCard, DatasetCardData, constants
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import DatasetCard, DatasetCardData
 
 from dataset_card.build_dataset import CONFIGS, FEATURES
-from dataset_card.card import LENGTH_EDGES, declare_configs, push_and_report, size_category
+from dataset_card.card import LENGTH_EDGES, check_push_target, declare_configs, push_and_report, size_category
 from dataset_card.homology import nearest_identities
 from dataset_card.instructions import CAPTION_TEMPLATES
 from dataset_card.uniprot_reader import ReadProblem
@@ -99,15 +97,7 @@ class ImportArguments:
         if not self.licence.strip() or any(char.isspace() for char in self.licence):
             raise ValueError(f"licence: {self.licence!r} is not a licence id; give one word such as apache-2.0")
         if self.push_to_hub:
-            try:
-                validate_repo_id(self.push_to_hub)
-            except HFValidationError as error:
-                raise ValueError(f"push_to_hub: {self.push_to_hub} is not a Hub repo id ({error})") from None
-            if constants.HF_HUB_OFFLINE:
-                raise ValueError(
-                    f"push_to_hub: HF_HUB_OFFLINE=1, so {self.push_to_hub} cannot be reached; import without "
-                    "--push_to_hub and push the folder later with dataset_card.card.push_dataset"
-                )
+            check_push_target(self.push_to_hub, "import")
 
 
 def release_files(folder: Path) -> list[Path]:
