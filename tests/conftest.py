@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, EsmConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dataset_card.build_dataset import BuildArguments, build_dataset  # noqa: E402
-from modeling_sepit import SepitConfig  # noqa: E402
+from modeling_sepit import SepitConfig, SepitForConditionalGeneration, SepitProcessor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -222,3 +222,25 @@ def tiny_parts(demo_dataset, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("training-parts") / "parts"
     arguments = builder["TinyPartsArguments"](dataset_dir=str(demo_dataset), output_dir=str(output), hidden_size=64)
     return builder["build_tiny_parts"](arguments)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_parts):
+    """A SEPIT model from the tiny parts (projector seeded) and its processor, proteins cut at 64 residues."""
+    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
+    processor.max_protein_length = 64
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration.from_pretrained_parts(
+        tiny_parts / "protein_model", tiny_parts / "language_model", protein_token_id=processor.protein_token_id
+    )
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def saved_model(model_and_processor, tmp_path_factory) -> Path:
+    """`model_and_processor` saved as one folder (the standard `save_pretrained` pair), for the command-line scripts."""
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model, processor = model_and_processor
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -7,26 +7,13 @@ import runpy
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import load_dataset
 
-from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.batch_generation import generate_in_batches, original_records, prediction_records, write_jsonl
 from modeling_sepit.evaluation_sepit import SEPIT, generate_answers
 
 ROOT = Path(__file__).resolve().parents[2]
 score = runpy.run_path(str(ROOT / "training" / "score.py"))
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(tiny_parts):
-    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
-    processor.max_protein_length = 64
-    torch.manual_seed(0)
-    model = SepitForConditionalGeneration.from_pretrained_parts(
-        tiny_parts / "protein_model", tiny_parts / "language_model", protein_token_id=processor.protein_token_id
-    )
-    return model.eval(), processor
 
 
 @pytest.fixture(scope="module")

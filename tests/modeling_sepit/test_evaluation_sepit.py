@@ -6,7 +6,6 @@ import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.evaluation_sepit import (
     NO_PROTEIN,
     PURE_LLM,
@@ -16,17 +15,6 @@ from modeling_sepit.evaluation_sepit import (
     is_closed,
 )
 from modeling_sepit.pure_llm import prepare_pure_llm
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(tiny_parts):
-    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
-    processor.max_protein_length = 64
-    torch.manual_seed(0)
-    model = SepitForConditionalGeneration.from_pretrained_parts(
-        tiny_parts / "protein_model", tiny_parts / "language_model", protein_token_id=processor.protein_token_id
-    )
-    return model.eval(), processor
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dataset_card.external_benchmarks import main as build_external_benchmarks
 from dataset_card.retrieval_baseline import RETRIEVAL
-from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT_SYSTEMS, SYSTEMS
 from modeling_sepit.pure_llm import prepare_pure_llm
 
 ROOT = Path(__file__).resolve().parents[2]
 evaluate = runpy.run_path(str(ROOT / "training" / "evaluate.py"))
 score = runpy.run_path(str(ROOT / "training" / "score.py"))
-
-
-@pytest.fixture(scope="module")
-def saved_model(tiny_parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("evaluate") / "model"
-    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
-    processor.max_protein_length = 64
-    model = SepitForConditionalGeneration.from_pretrained_parts(
-        tiny_parts / "protein_model", tiny_parts / "language_model", protein_token_id=processor.protein_token_id
-    )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

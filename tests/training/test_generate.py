@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset
 
-from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,19 +33,6 @@ SepitForConditionalGeneration.generate = slow
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-@pytest.fixture(scope="module")
-def saved_model(tiny_parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("generate") / "model"
-    processor = SepitProcessor.from_pretrained_parts(tiny_parts / "protein_model", tiny_parts / "language_model")
-    processor.max_protein_length = 64
-    model = SepitForConditionalGeneration.from_pretrained_parts(
-        tiny_parts / "protein_model", tiny_parts / "language_model", protein_token_id=processor.protein_token_id
-    )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def argv(saved_model: Path, demo_dataset: Path, output: Path, *extra: str) -> list[str]:
