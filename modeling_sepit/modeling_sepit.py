@@ -7,7 +7,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -127,6 +127,24 @@ class SepitMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(protein_features)))
 
 
+@lru_cache
+def find_pipeline_code(source: str) -> Path | None:
+    """The `protein-qa` pipeline's code: next to this file (the package), else in the folder or Hub repository `source`
+    the model was loaded from (with `trust_remote_code`, transformers' module cache holds only the modeling code and
+    what it imports); None when neither has it. Cached: `save_pretrained` runs at every checkpoint."""
+    here = Path(__file__).with_name(PIPELINE_FILE)
+    if here.is_file():
+        return here
+    if Path(source, PIPELINE_FILE).is_file():
+        return Path(source, PIPELINE_FILE)
+    try:
+        validate_repo_id(source)
+        folder = snapshot_download(source, allow_patterns=["*.py"])
+    except (HFValidationError, OSError, ValueError):  # not a repository id, offline and not cached, ...
+        return None
+    return Path(folder, PIPELINE_FILE) if Path(folder, PIPELINE_FILE).is_file() else None
+
+
 class SepitPreTrainedModel(PreTrainedModel):
     config: SepitConfig
     base_model_prefix = "model"
@@ -186,7 +204,7 @@ class SepitPreTrainedModel(PreTrainedModel):
         With the remote code, the `protein-qa` pipeline's code is written too (and `custom_pipelines` only then), so
         the standard pair `model.save_pretrained` + `processor.save_pretrained`, and `push_to_hub`, give a folder
         that builds its own pipeline with `trust_remote_code=True`."""
-        pipeline_code = self._pipeline_code()
+        pipeline_code = find_pipeline_code(str(getattr(self, "name_or_path", "") or ""))
         if getattr(type(self), "_auto_class", None) is not None:
             # Remote-code chat models answer to both auto classes; `register_for_auto_class` records only one.
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -204,23 +222,6 @@ class SepitPreTrainedModel(PreTrainedModel):
                 destination = Path(save_directory, Path(source).name)
                 if not destination.exists():
                     shutil.copy(source, destination)
-
-    def _pipeline_code(self) -> Path | None:
-        """The `protein-qa` pipeline's code: next to this file (the package), else in the folder or Hub repository
-        the model was loaded from (with `trust_remote_code`, transformers' module cache holds only the modeling code
-        and what it imports); None when neither has it."""
-        here = Path(__file__).with_name(PIPELINE_FILE)
-        if here.is_file():
-            return here
-        source = str(getattr(self, "name_or_path", "") or "")
-        if Path(source, PIPELINE_FILE).is_file():
-            return Path(source, PIPELINE_FILE)
-        try:
-            validate_repo_id(source)
-            folder = snapshot_download(source, allow_patterns=["*.py"])
-        except (HFValidationError, OSError, ValueError):  # not a repository id, offline and not cached, ...
-            return None
-        return Path(folder, PIPELINE_FILE) if Path(folder, PIPELINE_FILE).is_file() else None
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         """As transformers', but layers that reentrant checkpointing would get wrong use `use_reentrant=False`: the
