@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, load_dataset
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+from datasets import Dataset, IterableDataset, load_dataset, load_dataset_builder
 from torch import nn
-from transformers import BatchEncoding, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import BatchEncoding, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
@@ -138,6 +141,54 @@ class AtomicCheckpointMixin:
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def launcher_engine() -> str | None:
+    """The sharding engine `accelerate launch` set up from its config ('deepspeed' or 'fsdp'), None for DDP or no
+    launcher: Accelerate passes it to the processes in its environment."""
+    for engine in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "false").lower() in ("1", "true", "yes"):
+            return engine
+    return None
+
+
+def check_launch(training_args: TrainingArguments) -> None:
+    """The processes train together, with the engine the launcher asked for, or the run stops with the fix: Accelerate
+    never says when it falls back. On a machine without GPUs it joins the processes only with `use_cpu` (else each
+    trains its own copy), drops DeepSpeed under `use_cpu` (plain DDP instead), and turns FSDP on only for GPU-type
+    process groups (`use_fsdp_on_cpu` turns it on for CPU ones)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    engine = launcher_engine()
+    if engine == "deepspeed" and training_args.use_cpu:
+        raise ValueError(
+            "use_cpu: Accelerate ignores DeepSpeed under use_cpu (the processes would train with plain DDP); set "
+            "use_cpu: false, and on a machine without GPUs also ddp_backend: gloo with DS_ACCELERATOR=cpu"
+        )
+    if launched > 1 and training_args.world_size != launched:
+        fix = "ddp_backend: gloo (and DS_ACCELERATOR=cpu)" if engine == "deepspeed" else "use_cpu: true"
+        raise ValueError(
+            f"{launched} processes were launched but Accelerate joined {training_args.world_size}: each would train "
+            f"its own copy; on a machine without GPUs set {fix}"
+        )
+    if engine == "fsdp":
+        use_fsdp_on_cpu()
+
+
+def use_fsdp_on_cpu() -> bool:
+    """Sets up Accelerate's shared state for FSDP when the launcher asked for it and the processes are CPU ones (True
+    then). Accelerate 1.15 enables its FSDP plugin only over GPU-type process groups and otherwise trains with DDP,
+    although FSDP2 (`fully_shard`) itself runs on CPU over gloo; the state is built as `Accelerator()` would build it
+    for a GPU, with the plugin read from the launcher's environment, and the Trainer's `Accelerator` reuses it."""
+    state = PartialState()
+    if launcher_engine() != "fsdp" or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    accelerator_state = AcceleratorState(
+        cpu=True, dynamo_plugin=TorchDynamoPlugin(), fsdp_plugin=plugin, _from_accelerator=True
+    )
+    accelerator_state.fsdp_plugin = plugin
+    accelerator_state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
 
 
 LOSS_REDUCTIONS = ("token", "sequence")
@@ -293,6 +344,74 @@ def configure_sft(training_args: SFTConfig, model: nn.Module) -> None:
         training_args.router_aux_loss_coef = 0.0
 
 
+# Rows a streamed training split holds in memory to shuffle (`IterableDataset.shuffle`): an approximate shuffle whose
+# memory is bounded by this, not by the dataset.
+DEFAULT_SHUFFLE_BUFFER_SIZE = 10_000
+# The training scripts' `streaming` and `shuffle_buffer_size` arguments.
+STREAMING_HELP = (
+    "Read the dataset's Parquet files as training goes (an IterableDataset) instead of loading them whole: memory "
+    "stays bounded on datasets of any size. Rows come in the files' order (train_sampling_strategy: sequential) or "
+    "shuffled in a buffer (random); group_by_length is refused."
+)
+SHUFFLE_BUFFER_HELP = "With streaming and random sampling: rows held in memory to shuffle (the approximation's window)."
+
+
+class SizedIterableDataset(IterableDataset):
+    """A streamed split that knows its row count (read from its Parquet footers), so that the Trainer runs epochs as on
+    an in-memory split: `num_train_epochs` works without `max_steps`, `StructureDropoutEpochs` sees each epoch, the
+    stream is reshuffled at each (`set_epoch`), and a resumed run skips the batches of its epoch, not of the first.
+
+    It reports one shard: over several processes Accelerate then gives each process every W-th batch of the one stream
+    (`IterableDatasetShard`: the same rows as the in-memory path's `BatchSamplerShard`, the same number of batches on
+    every process, each reading the whole stream and collating only its own batches). Sharded by files instead, the
+    processes would get different row counts, and the first to run out would leave the others waiting in DDP forever.
+    """
+
+    num_rows: int
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def n_shards(self) -> int:  # what Accelerate reads to decide between sharding by files and by batches
+        return 1
+
+
+def parquet_rows(files: Iterable[str]) -> int:
+    """Rows in `files`, read from their Parquet footers only (local paths or fsspec URLs such as `hf://`)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file in files:
+        if not str(file).endswith(".parquet"):
+            raise ValueError(
+                f"streaming: {file} is not a Parquet file; streaming reads Parquet data files (the layout "
+                "dataset_card.build_dataset writes); leave streaming off to load this dataset into memory"
+            )
+        with fsspec.open(file, "rb") as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def configure_streaming(training_args: TrainingArguments) -> int | None:
+    """The seed of a streamed training split's buffer shuffle, from the Trainer's `train_sampling_strategy` ('random':
+    `data_seed`, else `seed`; 'sequential': None, the files' order), and batches read by every process itself
+    (Accelerate would otherwise read them all on process 0 and concatenate batches of different lengths). Length
+    grouping needs every row's length before the first step, which a stream does not have: a ValueError."""
+    strategy = training_args.train_sampling_strategy
+    if strategy not in ("random", "sequential"):
+        raise ValueError(
+            f"train_sampling_strategy: {strategy!r} needs every row's length before training, which a streamed "
+            "dataset does not have; use random (a buffer shuffle, see shuffle_buffer_size) or sequential (the files' "
+            "order) with streaming, or turn streaming off"
+        )
+    training_args.accelerator_config.dispatch_batches = False
+    if strategy == "sequential":
+        return None
+    return training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+
 def load_training_splits(
     dataset_name: str,
     dataset_config: str,
@@ -300,20 +419,48 @@ def load_training_splits(
     test_split: str,
     max_train_samples: int | None,
     with_eval: bool,
-) -> tuple[Dataset, Dataset | None]:
+    streaming: bool = False,
+    shuffle_seed: int | None = None,
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
+) -> tuple[Dataset | SizedIterableDataset, Dataset | SizedIterableDataset | None]:
     """The training split (its first `max_train_samples` rows when given) and, when `with_eval`, the evaluation split
-    of a SEPIT dataset; a missing split is a ValueError naming it and the splits there are."""
-    dataset = load_dataset(dataset_name, dataset_config)
+    of a SEPIT dataset; a missing split is a ValueError naming it and the splits there are.
+
+    `streaming`: both splits are read from their Parquet files as the Trainer goes (`SizedIterableDataset`; memory
+    bounded by `shuffle_buffer_size` rows), the training split shuffled in a buffer with `shuffle_seed` (None: in the
+    files' order, the in-memory split's order under `train_sampling_strategy: sequential`)."""
+    if not streaming:
+        dataset = load_dataset(dataset_name, dataset_config)
+        splits = list(dataset)
+    else:
+        if shuffle_buffer_size < 1:
+            raise ValueError(f"shuffle_buffer_size must be >= 1 (rows held to shuffle), got {shuffle_buffer_size}")
+        builder = load_dataset_builder(dataset_name, dataset_config)
+        splits = list(builder.config.data_files or {})
     for argument, split in (
         ("dataset_train_split", train_split),
         ("dataset_test_split", test_split if with_eval else None),
     ):
-        if split is not None and split not in dataset:
-            raise ValueError(f"{argument}: {dataset_name} has no split {split!r}; it has {list(dataset)}")
-    train_dataset = dataset[train_split]
-    if max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(max_train_samples, len(train_dataset))))
-    return train_dataset, dataset[test_split] if with_eval else None
+        if split is not None and split not in splits:
+            raise ValueError(f"{argument}: {dataset_name} has no split {split!r}; it has {splits}")
+    if not streaming:
+        train_dataset = dataset[train_split]
+        if max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(max_train_samples, len(train_dataset))))
+        return train_dataset, dataset[test_split] if with_eval else None
+
+    def stream(split: str, limit: int | None, seed: int | None) -> SizedIterableDataset:
+        rows = parquet_rows(builder.config.data_files[split])
+        streamed = builder.as_streaming_dataset(split=split)
+        if limit is not None and limit < rows:
+            streamed, rows = streamed.take(limit), limit
+        if seed is not None:
+            streamed = streamed.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        streamed.__class__ = SizedIterableDataset  # the same stream, with its length
+        streamed.num_rows = rows
+        return streamed
+
+    return stream(train_split, max_train_samples, shuffle_seed), stream(test_split, None, None) if with_eval else None
 
 
 def llm_lengths(rows: dict[str, list], processor: SepitProcessor) -> list[int]:
@@ -573,11 +720,15 @@ def save_loss_plot(
 
 __all__ = [
     "AtomicCheckpointMixin",
+    "DEFAULT_SHUFFLE_BUFFER_SIZE",
     "ENCODER_MODULES",
     "LOSS_REDUCTIONS",
     "MODULES",
     "SepitSFTTrainer",
     "SequenceAsTextCollator",
+    "SHUFFLE_BUFFER_HELP",
+    "STREAMING_HELP",
+    "SizedIterableDataset",
     "StructureDropoutEpochs",
     "LossCurve",
     "expert_load",
@@ -586,6 +737,9 @@ __all__ = [
     "loss_curves",
     "parameter_counts",
     "check_lr_scale",
+    "configure_streaming",
+    "load_training_splits",
     "parameter_groups",
+    "parquet_rows",
     "save_loss_plot",
 ]

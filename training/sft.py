@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from datasets import IterableDataset
 from transformers import set_seed
 from trl import SFTConfig
 
@@ -30,12 +31,17 @@ from modeling_sepit.cli_sepit import (
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import load_pretrained_encoder
 from modeling_sepit.training_sepit import (
+    DEFAULT_SHUFFLE_BUFFER_SIZE,
     LOSS_REDUCTIONS,
     MODULES,
+    SHUFFLE_BUFFER_HELP,
+    STREAMING_HELP,
     SepitSFTTrainer,
     StructureDropoutEpochs,
+    check_launch,
     check_lr_scale,
     configure_sft,
+    configure_streaming,
     end_training,
     expert_load,
     freeze_modules,
@@ -102,6 +108,8 @@ class SepitSFTArguments:
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    streaming: bool = field(default=False, metadata={"help": STREAMING_HELP})
+    shuffle_buffer_size: int = field(default=DEFAULT_SHUFFLE_BUFFER_SIZE, metadata={"help": SHUFFLE_BUFFER_HELP})
     overwrite: bool = field(
         default=False, metadata={"help": "Write into output_dir even if it holds files this script did not write."}
     )
@@ -210,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
         inputs = [script_args.dataset_name, *(getattr(script_args, name) for name in (*models, "encoder_warmup_dir"))]
         check_training_run(training_args, "sft", inputs, script_args.overwrite, script_args.max_train_samples)
+        check_launch(training_args)
         check_dataset(script_args.dataset_name, script_args.dataset_config)
         set_seed(training_args.seed)
         model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
@@ -221,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
+            streaming=script_args.streaming,
+            shuffle_seed=configure_streaming(training_args) if script_args.streaming else None,
+            shuffle_buffer_size=script_args.shuffle_buffer_size,
         )
         length_column = training_args.length_column_name
         if (
@@ -261,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.accelerator.print(f"parameters: {counts}; model saved to {output_dir}")
         if model.config.text_config.num_experts is not None:
             rows = eval_dataset if eval_dataset is not None else train_dataset
-            rows = rows.select(range(min(EXPERT_LOAD_ROWS, len(rows))))
+            if isinstance(rows, IterableDataset):
+                rows = list(rows.take(EXPERT_LOAD_ROWS))
+            else:
+                rows = rows.select(range(min(EXPERT_LOAD_ROWS, len(rows))))
             load = expert_load(model, collator, rows, training_args.per_device_eval_batch_size)
             (output_dir / "expert_load.json").write_text(json.dumps(load, indent=2))
             split = script_args.dataset_test_split if eval_dataset is not None else script_args.dataset_train_split
