@@ -394,11 +394,15 @@ def parquet_rows(files: Iterable[str]) -> int:
     return total
 
 
-def configure_streaming(training_args: TrainingArguments) -> int | None:
-    """The seed of a streamed training split's buffer shuffle, from the Trainer's `train_sampling_strategy` ('random':
-    `data_seed`, else `seed`; 'sequential': None, the files' order), and batches read by every process itself
-    (Accelerate would otherwise read them all on process 0 and concatenate batches of different lengths). Length
-    grouping needs every row's length before the first step, which a stream does not have: a ValueError."""
+def streaming_options(training_args: TrainingArguments, streaming: bool, shuffle_buffer_size: int) -> dict:
+    """`load_training_splits`'s streaming arguments from the Trainer's (empty without `streaming`), and batches read by
+    every process itself (Accelerate would otherwise read them all on process 0 and concatenate batches of different
+    lengths). `train_sampling_strategy` 'random' shuffles in a buffer with `data_seed` (else `seed`), 'sequential'
+    keeps the files' order; length grouping needs every row's length before the first step, which a stream does not
+    have: a ValueError. With `dataloader_drop_last` the stream is cut to whole global batches, as the in-memory
+    sampler drops its last partial batch (the Trainer passes `drop_last` to map-style datasets only)."""
+    if not streaming:
+        return {}
     strategy = training_args.train_sampling_strategy
     if strategy not in ("random", "sequential"):
         raise ValueError(
@@ -407,9 +411,15 @@ def configure_streaming(training_args: TrainingArguments) -> int | None:
             "order) with streaming, or turn streaming off"
         )
     training_args.accelerator_config.dispatch_batches = False
-    if strategy == "sequential":
-        return None
-    return training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    return {
+        "streaming": True,
+        "shuffle_seed": seed if strategy == "random" else None,
+        "shuffle_buffer_size": shuffle_buffer_size,
+        "whole_batches_of": training_args.train_batch_size * training_args.world_size
+        if training_args.dataloader_drop_last
+        else None,
+    }
 
 
 def load_training_splits(
@@ -422,13 +432,15 @@ def load_training_splits(
     streaming: bool = False,
     shuffle_seed: int | None = None,
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
+    whole_batches_of: int | None = None,
 ) -> tuple[Dataset | SizedIterableDataset, Dataset | SizedIterableDataset | None]:
     """The training split (its first `max_train_samples` rows when given) and, when `with_eval`, the evaluation split
     of a SEPIT dataset; a missing split is a ValueError naming it and the splits there are.
 
     `streaming`: both splits are read from their Parquet files as the Trainer goes (`SizedIterableDataset`; memory
     bounded by `shuffle_buffer_size` rows), the training split shuffled in a buffer with `shuffle_seed` (None: in the
-    files' order, the in-memory split's order under `train_sampling_strategy: sequential`)."""
+    files' order, the in-memory split's order under `train_sampling_strategy: sequential`), and cut to a multiple of
+    `whole_batches_of` rows when given (`streaming_options` sets these from the Trainer's arguments)."""
     if not streaming:
         dataset = load_dataset(dataset_name, dataset_config)
         splits = list(dataset)
@@ -449,18 +461,22 @@ def load_training_splits(
             train_dataset = train_dataset.select(range(min(max_train_samples, len(train_dataset))))
         return train_dataset, dataset[test_split] if with_eval else None
 
-    def stream(split: str, limit: int | None, seed: int | None) -> SizedIterableDataset:
+    def stream(split: str, limit: int | None, seed: int | None, cut_to: int | None) -> SizedIterableDataset:
         rows = parquet_rows(builder.config.data_files[split])
         streamed = builder.as_streaming_dataset(split=split)
         if limit is not None and limit < rows:
             streamed, rows = streamed.take(limit), limit
         if seed is not None:
             streamed = streamed.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        if cut_to is not None and rows % cut_to:
+            rows -= rows % cut_to
+            streamed = streamed.take(rows)  # after the shuffle: a different partial batch left out at each epoch
         streamed.__class__ = SizedIterableDataset  # the same stream, with its length
         streamed.num_rows = rows
         return streamed
 
-    return stream(train_split, max_train_samples, shuffle_seed), stream(test_split, None, None) if with_eval else None
+    train_dataset = stream(train_split, max_train_samples, shuffle_seed, whole_batches_of)
+    return train_dataset, stream(test_split, None, None, None) if with_eval else None
 
 
 def llm_lengths(rows: dict[str, list], processor: SepitProcessor) -> list[int]:
@@ -737,9 +753,9 @@ __all__ = [
     "loss_curves",
     "parameter_counts",
     "check_lr_scale",
-    "configure_streaming",
     "load_training_splits",
     "parameter_groups",
     "parquet_rows",
     "save_loss_plot",
+    "streaming_options",
 ]

@@ -41,7 +41,6 @@ from modeling_sepit.training_sepit import (
     check_launch,
     check_lr_scale,
     configure_sft,
-    configure_streaming,
     end_training,
     expert_load,
     freeze_modules,
@@ -50,6 +49,7 @@ from modeling_sepit.training_sepit import (
     mega_batch_steps,
     parameter_counts,
     save_loss_plot,
+    streaming_options,
 )
 
 # Rows of the evaluation split (else the training split) on which the end of stage 2 reports each expert's load.
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
-            streaming=script_args.streaming,
-            shuffle_seed=configure_streaming(training_args) if script_args.streaming else None,
-            shuffle_buffer_size=script_args.shuffle_buffer_size,
+            **streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size),
         )
         length_column = training_args.length_column_name
         if (

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import load_dataset
 from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
@@ -34,11 +33,16 @@ from modeling_sepit.cli_sepit import (
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.modeling_sepit_pretraining import SepitForProteinPretraining, SepitPretrainingCollator
 from modeling_sepit.training_sepit import (
+    DEFAULT_SHUFFLE_BUFFER_SIZE,
+    SHUFFLE_BUFFER_HELP,
+    STREAMING_HELP,
     AtomicCheckpointMixin,
     check_lr_scale,
     end_training,
+    load_training_splits,
     mega_batch_steps,
     save_loss_plot,
+    streaming_options,
 )
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
@@ -98,6 +102,8 @@ class Stage0Arguments:
         default=None,
         metadata={"help": "Dropout in the denoising head's attention (new model; default 0.1, the original's)."},
     )
+    streaming: bool = field(default=False, metadata={"help": STREAMING_HELP})
+    shuffle_buffer_size: int = field(default=DEFAULT_SHUFFLE_BUFFER_SIZE, metadata={"help": SHUFFLE_BUFFER_HELP})
     overwrite: bool = field(
         default=False, metadata={"help": "Write into output_dir even if it holds files this script did not write."}
     )
@@ -203,18 +209,21 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
         training_args.ddp_find_unused_parameters = True
     set_seed(training_args.seed)  # the fresh modules' initialisation
     model, collator = load_model_and_collator(args)
-    dataset = load_dataset(args.dataset_name, args.dataset_config)
-    if args.dataset_train_split not in dataset:
-        raise ValueError(
-            f"dataset_train_split: {args.dataset_name} has no split {args.dataset_train_split!r}; "
-            f"it has {list(dataset)}"
-        )
+    train_dataset, eval_dataset = load_training_splits(
+        args.dataset_name,
+        args.dataset_config,
+        args.dataset_train_split,
+        args.dataset_test_split,
+        max_train_samples=None,
+        with_eval=training_args.eval_strategy != "no",
+        **streaming_options(training_args, args.streaming, args.shuffle_buffer_size),
+    )
     return SepitPretrainingTrainer(
         model=model,
         args=training_args,
         data_collator=collator,
-        train_dataset=dataset[args.dataset_train_split],
-        eval_dataset=dataset[args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=collator,
         new_modules_lr_scale=args.new_modules_lr_scale,
     )
