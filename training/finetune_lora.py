@@ -30,6 +30,9 @@ from modeling_sepit.cli_sepit import (
 )
 from modeling_sepit.hub_sepit import require_local_or_cached, save_hub_folder
 from modeling_sepit.training_sepit import (
+    DEFAULT_SHUFFLE_BUFFER_SIZE,
+    SHUFFLE_BUFFER_HELP,
+    STREAMING_HELP,
     SepitSFTTrainer,
     StructureDropoutEpochs,
     configure_sft,
@@ -37,6 +40,7 @@ from modeling_sepit.training_sepit import (
     load_training_splits,
     mega_batch_steps,
     save_loss_plot,
+    streaming_options,
 )
 
 WRITER = "finetune_lora"
@@ -73,6 +77,8 @@ class SepitLoraArguments:
     structure_dropout: float = field(default=0.0, metadata={"help": "Probability of dropping a protein's structure."})
     max_protein_length: int = field(default=1022, metadata={"help": "Residues kept per protein (ESM-2: 1022)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    streaming: bool = field(default=False, metadata={"help": STREAMING_HELP})
+    shuffle_buffer_size: int = field(default=DEFAULT_SHUFFLE_BUFFER_SIZE, metadata={"help": SHUFFLE_BUFFER_HELP})
     merged_dir: str | None = field(
         default=None, metadata={"help": "Folder for the merged model (default: <output_dir>/merged); '' skips it."}
     )
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
+            **streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size),
         )
         claim_training_output(training_args, WRITER, inputs, script_args.overwrite)
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset

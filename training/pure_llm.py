@@ -32,13 +32,17 @@ from modeling_sepit.cli_sepit import (
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.pure_llm import prepare_pure_llm
 from modeling_sepit.training_sepit import (
+    DEFAULT_SHUFFLE_BUFFER_SIZE,
     LOSS_REDUCTIONS,
+    SHUFFLE_BUFFER_HELP,
+    STREAMING_HELP,
     SepitSFTTrainer,
     SequenceAsTextCollator,
     end_training,
     load_training_splits,
     mega_batch_steps,
     save_loss_plot,
+    streaming_options,
 )
 
 WRITER = "pure_llm"
@@ -61,6 +65,8 @@ class PureLLMArguments:
         metadata={"help": "'token': TRL's mean over every answer token; 'sequence': per answer, then over answers."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    streaming: bool = field(default=False, metadata={"help": STREAMING_HELP})
+    shuffle_buffer_size: int = field(default=DEFAULT_SHUFFLE_BUFFER_SIZE, metadata={"help": SHUFFLE_BUFFER_HELP})
     overwrite: bool = field(
         default=False, metadata={"help": "Write output_dir even if it holds files this script did not write."}
     )
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
+            **streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size),
         )
         length_column = training_args.length_column_name
         if training_args.train_sampling_strategy == "group_by_length":
