@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if merged_dir:
             check_output_path(merged_dir, "save_hub_folder", inputs, script_args.overwrite, field="merged_dir")
         check_dataset(script_args.dataset_name, script_args.dataset_config)
+        streaming = streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size)
         set_seed(training_args.seed)
         processor = SepitProcessor.from_pretrained(script_args.model_name_or_path)
         processor.max_protein_length = script_args.max_protein_length
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
-            **streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size),
+            **streaming,
         )
         claim_training_output(training_args, WRITER, inputs, script_args.overwrite)
     except (ValueError, OSError, yaml.YAMLError) as error:  # arguments, --config file, model or dataset

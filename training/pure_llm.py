@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if training_args.max_length is not None and training_args.max_length < 1:
             raise ValueError(f"max_length must be >= 1 (text tokens per conversation), got {training_args.max_length}")
         check_dataset(script_args.dataset_name, script_args.dataset_config)
+        streaming = streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size)
         set_seed(training_args.seed)
         tokenizer = AutoTokenizer.from_pretrained(script_args.language_model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(script_args.language_model_name_or_path, dtype=script_args.dtype)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
-            **streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size),
+            **streaming,
         )
         length_column = training_args.length_column_name
         if training_args.train_sampling_strategy == "group_by_length":

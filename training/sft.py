@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         check_training_run(training_args, "sft", inputs, script_args.overwrite, script_args.max_train_samples)
         check_launch(training_args)
         check_dataset(script_args.dataset_name, script_args.dataset_config)
+        streaming = streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size)
         set_seed(training_args.seed)
         model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
         configure_sft(training_args, model)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args.dataset_test_split,
             script_args.max_train_samples,
             with_eval=training_args.eval_strategy != "no",
-            **streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size),
+            **streaming,
         )
         length_column = training_args.length_column_name
         if (

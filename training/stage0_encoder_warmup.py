@@ -207,6 +207,7 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
     if training_args.ddp_find_unused_parameters is None:
         # A batch without any structure leaves the structure module out of the graph.
         training_args.ddp_find_unused_parameters = True
+    streaming = streaming_options(training_args, args.streaming, args.shuffle_buffer_size)  # before the model
     set_seed(training_args.seed)  # the fresh modules' initialisation
     model, collator = load_model_and_collator(args)
     train_dataset, eval_dataset = load_training_splits(
@@ -216,7 +217,7 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
         args.dataset_test_split,
         max_train_samples=None,
         with_eval=training_args.eval_strategy != "no",
-        **streaming_options(training_args, args.streaming, args.shuffle_buffer_size),
+        **streaming,
     )
     return SepitPretrainingTrainer(
         model=model,
