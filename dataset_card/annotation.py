@@ -9,9 +9,9 @@ Inputs: `--fasta` (a UniProt header `>sp|P69905|HBA_HUMAN ...` names the protein
 its first word), `--uniprot` (UniProtKB flat, XML or JSON files or folders, read by `dataset_card.uniprot_reader`),
 and `--structures`, a folder of PDB/mmCIF/AlphaFold DB files: with sequence inputs, each protein gets the structure
 that declares its accession and resolves most of its residues (as the dataset builder attaches them); alone, every
-protein chain of every file is a protein (`<file>` for a one-chain file, `<file>:<chain>` otherwise). A record that
-cannot be read (letters that are no amino acids, a broken structure file, a duplicate id) is reported with its reason
-and skipped; the list is also written to `skipped.jsonl`.
+protein chain of every file is a protein (named by the file's path in the folder, `<path>:<chain>` for a file of
+several chains). A record that cannot be read (letters that are no amino acids, a broken structure file, a duplicate
+id) is reported with its reason and skipped; the list is also written to `skipped.jsonl`.
 
 Questions: by default the function, subcellular location, GO terms (molecular function, biological process, cellular
 component) and EC number, each worded as the first template of its type in `dataset_card.instructions` (the wording
@@ -167,7 +167,6 @@ def _structure_proteins(folder: Path, report: ReadReport) -> Iterator[Protein]:
                 report.skip(str(path), "structure file", kind)
             continue
         name = path.relative_to(folder).as_posix()
-        name = (name[:-3] if name.lower().endswith(".gz") else name).rsplit(".", 1)[0]  # suffixes dropped
         try:
             structures = [(name, load_structure(path))]
         except ValueError as error:

@@ -6,6 +6,7 @@ SIGKILL resumes to the same table without answering anything twice; bad argument
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ from transformers import pipeline
 
 from dataset_card.annotation import QUESTION_TYPES, annotate, main, question_set, read_proteins
 from dataset_card.uniprot_reader import ReadReport
+from tests.test_readme import BASH_COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -130,13 +132,35 @@ def test_a_folder_of_structures_alone_gives_every_protein_chain(tmp_path) -> Non
     report = ReadReport()
     proteins = read_proteins(structures=str(folder), report=report)
     assert [protein.id for protein in proteins] == [
-        *(f"biopython__2BEG:{chain}" for chain in "ABCDE"), "biotite__1aki", "sub/graphein__AF-P04629-F1__P04629"
-    ]  # fmt: skip
+        *(f"biopython__2BEG.cif:{chain}" for chain in "ABCDE"),
+        "biotite__1aki.pdb",
+        "sub/graphein__AF-P04629-F1__P04629.pdb",
+    ]
     assert all(protein.coords is not None and protein.coords_mask.all() for protein in proteins)
     assert len(proteins[-1].sequence) == 796 and proteins[0].structure_source == "biopython__2BEG.cif:A"
     assert [(Path(problem.file).name, problem.entry) for problem in report.problems] == [
         ("broken.cif", "structure file")
     ]
+
+
+@pytest.mark.parametrize(
+    "command", [command for _, command in BASH_COMMANDS if command.startswith("sepit-annotate")], ids=["fasta", "pdb"]
+)
+def test_the_readme_commands_run(command, saved_model, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # the commands name the repository's fixtures
+    tokens = [str(saved_model) if token == "outputs/main/hub-model" else token for token in shlex.split(command)[1:]]
+    output = Path(tokens[tokens.index("--output_dir") + 1])
+    tokens[tokens.index("--output_dir") + 1] = str(tmp_path / output.name)
+    assert main(tokens) == 0
+    rows = table(tmp_path / output.name)
+    questions = tokens[tokens.index("--questions") + 1 : tokens.index("--output_dir")] if "--questions" in tokens else 6
+    proteins = rows["protein_id"].unique().tolist()
+    assert len(rows) == len(proteins) * (questions if isinstance(questions, int) else len(questions))
+    if "--fasta" in tokens:  # the FASTA's five readable proteins, lysozyme with a structure of the folder
+        assert proteins == PROTEINS[:5] and rows["structure_used"].tolist() == [True] * 6 + [False] * 24
+    else:  # every protein chain of every file, each with its structure
+        assert "biopython__2BEG.pdb:E" in proteins and "biotite__1aki.cif" in proteins
+        assert rows["structure_used"].all() and rows["question_type"].tolist()[:2] == questions
 
 
 def test_two_processes_give_the_table_of_one(one_process, saved_model, structures, tmp_path) -> None:
