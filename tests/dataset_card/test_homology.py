@@ -14,7 +14,9 @@ from dataset_card.homology import (
     CrossIdentity,
     cluster_by_identity,
     identity_bounds,
+    linked_pairs,
     max_cross_identity,
+    pair_identities,
     read_cluster_tsv,
     sequence_identity,
     split_clusters,
@@ -137,6 +139,31 @@ def test_clusters_equal_exhaustive_single_linkage(store, exhaustive, threshold: 
     got = partition(cluster_by_identity([sequence for _, sequence in store], threshold=threshold, threads=2))
     assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
     assert len(expected) < len(store)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
+def test_linked_pairs_are_the_exhaustive_pairs_at_the_threshold(store, exhaustive, threshold: float) -> None:
+    """What the MMseqs2 engine asks pyopal for fragments: every query-reference pair at or above the threshold;
+    a sequence on both sides (here the first reference, repeated among the queries) links to itself too."""
+    sequences = [sequence for _, sequence in store]
+    queries, references = list(range(0, len(store), 3)), [k for k in range(len(store)) if k % 3]
+    queries.append(references[0])
+    expected = {
+        (q, r)
+        for q, first in enumerate(queries)
+        for r, second in enumerate(references)
+        if first == second or exhaustive[min(first, second), max(first, second)] >= threshold
+    }
+    got = linked_pairs([sequences[k] for k in queries], [sequences[k] for k in references], threshold, threads=2)
+    assert set(got) == expected and len(got) == len(expected) and expected - {(len(queries) - 1, 0)}
+
+
+def test_pair_identities_are_those_of_single_alignments(store, exhaustive) -> None:
+    sequences = [sequence for _, sequence in store]
+    pairs = [pair for k, pair in enumerate(exhaustive) if k % 7 == 0]
+    pairs += [(b, a) for a, b in pairs[:5]] + [(0, 0)]
+    expected = [exhaustive[min(a, b), max(a, b)] if a != b else 1.0 for a, b in pairs]
+    assert pair_identities(sequences, pairs, threads=2) == pytest.approx(expected, abs=1e-12)
 
 
 def test_isoforms_homologues_and_duplicates_share_a_cluster(corpus) -> None:
