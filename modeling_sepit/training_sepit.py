@@ -12,7 +12,8 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,19 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 from datasets import Dataset, IterableDataset, load_dataset, load_dataset_builder
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import BatchEncoding, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
+from transformers.trainer_pt_utils import get_module_class_from_name
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
 from .modeling_moe import SepitSparseMoeBlock, SepitTopKRouter, load_balancing_loss
+from .modeling_structure import SepitStructureModule
 from .processing_sepit import GENERATION_TAG, SepitDataCollator, SepitProcessor, split_protein_items, to_protein_input
 from .pure_llm import BEGIN_PROTEIN, DEFAULT_MAX_LENGTH, END_PROTEIN, sequences_as_text
 
@@ -90,16 +99,22 @@ def parameter_groups(
     ]
 
 
+def _numel(parameter: nn.Parameter) -> int:
+    """Elements of the whole parameter: under DeepSpeed ZeRO-3 a process holds only its partition (`ds_numel` is the
+    whole); an FSDP2 `DTensor` reports its global size."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters and those a token activates: in each MoE block only `top_k` of the experts (the router is
     counted apart), so an upcycled top-1 model activates exactly what its dense parent had."""
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     inactive = router = 0
     for module in model.modules():
         if isinstance(module, SepitSparseMoeBlock):
-            per_expert = sum(p.numel() for p in module.experts[0].parameters())
+            per_expert = sum(_numel(p) for p in module.experts[0].parameters())
             inactive += per_expert * (len(module.experts) - module.gate.top_k)
-            router += module.gate.weight.numel()
+            router += _numel(module.gate.weight)
     return {"total": total, "activated": total - inactive - router, "router": router}
 
 
@@ -191,6 +206,138 @@ def use_fsdp_on_cpu() -> bool:
     return True
 
 
+@contextmanager
+def whole_model_loading(training_args: TrainingArguments) -> Iterator[None]:
+    """Inside, every process loads whole models, as the DeepSpeed config's `zero3_init_flag: false` asks (DeepSpeed
+    partitions them when the Trainer prepares the model): transformers otherwise builds every model under ZeRO-3 inside
+    `deepspeed.zero.Init`, whatever the flag, and SEPIT's assembly from parts (a meta-device shell filled with loaded
+    modules, resized embeddings, experts copied from the FFN) cannot work on empty partitions."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero3_init_flag or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
+
+
+def _add_zero(output: object, zero: torch.Tensor) -> object:
+    """`output` with `zero` added to each of its top-level floating tensors that carry a gradient."""
+
+    def add(value: object) -> object:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad:
+            return value + zero.to(value.dtype)
+        return value
+
+    if isinstance(output, dict):  # ModelOutput included
+        for key, value in list(output.items()):
+            output[key] = add(value)
+        return output
+    if isinstance(output, tuple | list):
+        return type(output)(add(value) for value in output)
+    return add(output)
+
+
+def give_every_parameter_a_gradient(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """FSDP2 reduce-scatters, unit by unit, the gradients that the unit's parameters received in this backward: a
+    parameter that gets one on some processes and not on others (the structure module on a batch without structures,
+    an expert no token chose) makes the processes' collectives differ (gloo: "Received data size doesn't match expected
+    size"; NCCL: a hang). Each unit's output gets a zero multiple of one element of each of its own trainable
+    parameters, added while the unit's parameters are gathered: every one then has a gradient, zero where unused, and
+    the values and the other gradients are unchanged."""
+    handles = []
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        places, pending = [], [unit]
+        while pending:  # the unit's own parameters: not those of units nested in it
+            module = pending.pop()
+            places += [(module, name) for name, _ in module.named_parameters(recurse=False)]
+            pending += [child for child in module.children() if not isinstance(child, FSDPModule)]
+
+        def hook(_module, _args, output, places=places):
+            trainable = [getattr(module, name) for module, name in places]
+            trainable = [parameter for parameter in trainable if parameter.requires_grad]
+            if not trainable or not torch.is_grad_enabled():
+                return output
+            zero = torch.stack([parameter.reshape(-1)[0].float() for parameter in trainable]).sum() * 0.0
+            return _add_zero(output, zero)
+
+        handles.append(unit.register_forward_hook(hook, prepend=True))  # before FSDP's reshard (its own hook)
+    return handles
+
+
+# Modules whose inner calls depend on the data (the structure module returns early without coordinates; an MoE block
+# calls only the experts its tokens chose): DeepSpeed ZeRO-3 gathers each as a whole ("leaf"), so that every process
+# records the same module trace (else: "Detected a disagreement on list length between rank0 and rank1").
+ZERO3_LEAF_MODULES = (SepitStructureModule, SepitSparseMoeBlock)
+
+
+class ShardedTrainingMixin:
+    """For a `Trainer` subclass, what SEPIT's models need under DeepSpeed ZeRO-3: the `ZERO3_LEAF_MODULES` gathered
+    whole, and the structure module called on every batch (with an all-False `protein_coords_mask` when no protein of
+    the batch has a structure, which computes what no coordinates compute), since ZeRO-3 requires every process to
+    call the same modules in the same order. Under FSDP2:
+
+    - the wrap list (`fsdp_transformer_layer_cls_to_wrap`) may name classes a stage's model lacks (stage 1 has no MoE
+      block, stage 0 no LLM layer): one config serves every stage, and Accelerate would refuse the absent names;
+    - every trainable parameter gets a gradient on every process (`give_every_parameter_a_gradient`);
+    - the LM head, a unit of its own, is gathered before each forward: TRL's fused loss reads its weight directly;
+    - the model saves as its own class: FSDP2 turns it into a generated subclass defined in torch, which
+      `save_pretrained` would record in `auto_map`, copying torch's files in place of the model's code."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gradient_hooks: list | None = None
+        self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self._zero3:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            present = [cls for cls in ZERO3_LEAF_MODULES if any(isinstance(m, cls) for m in self.model.modules())]
+            if present:
+                set_z3_leaf_modules(self.model, present)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+        if names:
+            plugin.transformer_cls_names_to_wrap = [
+                name for name in names if get_module_class_from_name(self.model, name) is not None
+            ]
+
+    def _before_forward(self, model: nn.Module, inputs: dict) -> None:
+        if isinstance(model, FSDPModule):
+            if self._gradient_hooks is None:
+                self._gradient_hooks = give_every_parameter_a_gradient(model)
+            head = model.get_output_embeddings()
+            if isinstance(head, FSDPModule) and head is not model:
+                # Accelerate shards the LM head as a unit of its own, gathered when the head is called; TRL's fused
+                # loss reads its weight without calling it, and would get the shard (whose gradient then escapes
+                # FSDP's averaging). Gathered here, as its forward would, its gradient is reduced with the others.
+                head.unshard()
+        if self._zero3 and inputs.get("protein_input_ids") is not None and inputs.get("protein_coords") is None:
+            ids = inputs["protein_input_ids"]
+            inputs["protein_coords"] = torch.zeros((*ids.shape, 3), device=ids.device)
+            inputs["protein_coords_mask"] = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self._before_forward(model, inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        self._before_forward(model, inputs)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model, generated = self.model, type(self.model)
+        if isinstance(model, FSDPModule):
+            model.__class__ = next(cls for cls in generated.__mro__ if not issubclass(cls, FSDPModule))
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__class__ = generated
+
+
 LOSS_REDUCTIONS = ("token", "sequence")
 
 
@@ -205,7 +352,7 @@ class StructureDropoutEpochs(TrainerCallback):
         self.collator.set_epoch(int(state.epoch or 0))
 
 
-class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+class SepitSFTTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, SFTTrainer):
     """`SFTTrainer` whose optimizer gives the encoder and the LLM their own learning-rate scale, with two of the
     original's training choices:
 
@@ -214,6 +361,8 @@ class SepitSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
       tokens, then over sequences; computed on TRL's fused LM head outputs, never on full logits);
     - the MoE load-balancing loss per layer, summed over layers (`load_balancing_loss`), weighted by the model's
       `router_aux_loss_coef`, instead of TRL's, which pools all layers' router logits first.
+
+    Checkpoints appear whole (`AtomicCheckpointMixin`); FSDP2 runs as `ShardedTrainingMixin` describes.
     """
 
     def __init__(
@@ -736,6 +885,7 @@ def save_loss_plot(
 
 __all__ = [
     "AtomicCheckpointMixin",
+    "ShardedTrainingMixin",
     "DEFAULT_SHUFFLE_BUFFER_SIZE",
     "ENCODER_MODULES",
     "LOSS_REDUCTIONS",
@@ -752,7 +902,12 @@ __all__ = [
     "mega_batch_steps",
     "loss_curves",
     "parameter_counts",
+    "check_launch",
     "check_lr_scale",
+    "give_every_parameter_a_gradient",
+    "launcher_engine",
+    "use_fsdp_on_cpu",
+    "whole_model_loading",
     "load_training_splits",
     "parameter_groups",
     "parquet_rows",

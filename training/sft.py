@@ -50,6 +50,7 @@ from modeling_sepit.training_sepit import (
     parameter_counts,
     save_loss_plot,
     streaming_options,
+    whole_model_loading,
 )
 
 # Rows of the evaluation split (else the training split) on which the end of stage 2 reports each expert's load.
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         check_dataset(script_args.dataset_name, script_args.dataset_config)
         streaming = streaming_options(training_args, script_args.streaming, script_args.shuffle_buffer_size)
         set_seed(training_args.seed)
-        model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
+        with whole_model_loading(training_args):
+            model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
         configure_sft(training_args, model)
         train_dataset, eval_dataset = load_training_splits(
             script_args.dataset_name,
@@ -264,19 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_model(training_args.output_dir)
 
     output_dir = Path(training_args.output_dir)
+    load = rows = None
+    if model.config.text_config.num_experts is not None:
+        # On every process: under FSDP or ZeRO-3 each holds part of the weights, and every forward is collective.
+        rows = eval_dataset if eval_dataset is not None else train_dataset
+        if isinstance(rows, IterableDataset):
+            rows = list(rows.take(EXPERT_LOAD_ROWS))
+        else:
+            rows = rows.select(range(min(EXPERT_LOAD_ROWS, len(rows))))
+        load = expert_load(model, collator, rows, training_args.per_device_eval_batch_size)
     if trainer.is_world_process_zero():
         counts = parameter_counts(model)
         (output_dir / "parameter_counts.json").write_text(json.dumps(counts, indent=2))
         title = f"{'stage 2 (MoE)' if script_args.num_experts else 'stage 1'}: {output_dir.name}"
         save_loss_plot(trainer.state.log_history, output_dir / "loss_curve.png", title, mega_batch_steps(trainer))
         trainer.accelerator.print(f"parameters: {counts}; model saved to {output_dir}")
-        if model.config.text_config.num_experts is not None:
-            rows = eval_dataset if eval_dataset is not None else train_dataset
-            if isinstance(rows, IterableDataset):
-                rows = list(rows.take(EXPERT_LOAD_ROWS))
-            else:
-                rows = rows.select(range(min(EXPERT_LOAD_ROWS, len(rows))))
-            load = expert_load(model, collator, rows, training_args.per_device_eval_batch_size)
+        if load is not None:
             (output_dir / "expert_load.json").write_text(json.dumps(load, indent=2))
             split = script_args.dataset_test_split if eval_dataset is not None else script_args.dataset_train_split
             trainer.accelerator.print(f"expert load on {len(rows)} {split} rows (fraction of tokens per expert):")

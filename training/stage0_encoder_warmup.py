@@ -37,12 +37,15 @@ from modeling_sepit.training_sepit import (
     SHUFFLE_BUFFER_HELP,
     STREAMING_HELP,
     AtomicCheckpointMixin,
+    ShardedTrainingMixin,
+    check_launch,
     check_lr_scale,
     end_training,
     load_training_splits,
     mega_batch_steps,
     save_loss_plot,
     streaming_options,
+    whole_model_loading,
 )
 
 LOSS_COMPONENTS = ("contrastive_loss", "denoising_loss", "masked_residue_loss")
@@ -125,10 +128,11 @@ class Stage0Arguments:
             )
 
 
-class SepitPretrainingTrainer(AtomicCheckpointMixin, Trainer):
+class SepitPretrainingTrainer(ShardedTrainingMixin, AtomicCheckpointMixin, Trainer):
     """`Trainer` that logs each stage-0 loss next to `loss` (averaged, like it, over the logging interval and the
     processes), gives the modules trained from scratch their own learning rate (ESM-2 and the temperature keep the base
-    rate), as the original did, and writes each checkpoint whole (`AtomicCheckpointMixin`)."""
+    rate), as the original did, and writes each checkpoint whole (`AtomicCheckpointMixin`); FSDP2 runs as
+    `ShardedTrainingMixin` describes."""
 
     def __init__(self, *args, new_modules_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -209,7 +213,8 @@ def build_trainer(args: Stage0Arguments, training_args: TrainingArguments) -> Se
         training_args.ddp_find_unused_parameters = True
     streaming = streaming_options(training_args, args.streaming, args.shuffle_buffer_size)  # before the model
     set_seed(training_args.seed)  # the fresh modules' initialisation
-    model, collator = load_model_and_collator(args)
+    with whole_model_loading(training_args):
+        model, collator = load_model_and_collator(args)
     train_dataset, eval_dataset = load_training_splits(
         args.dataset_name,
         args.dataset_config,
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             require_local_or_cached(getattr(script_args, name), name)  # offline: a missing Hub model stops here
         inputs = [script_args.dataset_name, *(getattr(script_args, name) for name in models)]
         check_training_run(training_args, WRITER, inputs, script_args.overwrite)
+        check_launch(training_args)
         check_dataset(script_args.dataset_name, script_args.dataset_config)
         trainer = build_trainer(script_args, training_args)
         claim_training_output(training_args, WRITER, inputs, script_args.overwrite)
