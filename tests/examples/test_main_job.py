@@ -58,11 +58,38 @@ def test_main_job_builds_trains_evaluates_publishes_and_reloads(tmp_path, capfd)
     assert "model pushed: https://huggingface.co/me/sepit-demo/commit/1" in printed
 
 
+def test_preset_smollm2_trains_smollm2_with_its_recipes(tmp_path, monkeypatch, capsys) -> None:
+    """The preset's commands, recorded up to stage 1 instead of run (the full run takes hours here: README)."""
+    commands = []
+
+    def record(step: str, command: list[str]) -> float:
+        commands.append(command)
+        if step.startswith("5/9"):
+            raise main_job["StepFailed"]("stage 1 recorded")
+        return 0.0
+
+    monkeypatch.setitem(main_job["run_steps"].__globals__, "run", record)
+    output = tmp_path / "main"
+    assert main_job["main"](["--preset", "smollm2", "--output_dir", str(output)]) == 2
+    assert capsys.readouterr().err.strip() == "main_job: error: stage 1 recorded"
+    _, _, parts, smollm2, stage0, stage1 = commands  # dataset, InstructProtein sets, parts, SmolLM2, stages 0 and 1
+    assert parts[1] == "training/build_tiny_parts.py"
+    assert "--protein_hidden_size 320 --protein_layers 6" in " ".join(parts)  # ESM-2 8M's width and depth
+    assert smollm2[1:] == ["training/build_smollm2.py", "--output_dir", str(output / "smollm2")]
+    recipes = ROOT / "training" / "recipes" / "smollm2"
+    assert stage0[stage0.index("--config") + 1] == str(recipes / "stage0.yaml")
+    assert stage1[stage1.index("--config") + 1] == str(recipes / "stage1.yaml")
+    assert stage1[stage1.index("--language_model_name_or_path") + 1] == str(output / "smollm2")
+    assert stage1[stage1.index("--protein_model_name_or_path") + 1] == str(output / "parts" / "protein_model")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--protein_model", "facebook/esm2_t6_8M_UR50D"], "give all three real checkpoints"),
         (["--recipes", "training"], "has no stage0.yaml"),
+        (["--preset", "tinyllama"], "preset: 'tinyllama' is not one; the preset is smollm2"),
+        (["--preset", "smollm2", "--protein_model", "a", "--language_model", "b", "--text_encoder", "c"], "leave out"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys) -> None:
