@@ -559,6 +559,8 @@ def streaming_options(training_args: TrainingArguments, streaming: bool, shuffle
             "dataset does not have; use random (a buffer shuffle, see shuffle_buffer_size) or sequential (the files' "
             "order) with streaming, or turn streaming off"
         )
+    if shuffle_buffer_size < 1:
+        raise ValueError(f"shuffle_buffer_size must be >= 1 (rows held to shuffle), got {shuffle_buffer_size}")
     training_args.accelerator_config.dispatch_batches = False
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     return {
@@ -594,8 +596,6 @@ def load_training_splits(
         dataset = load_dataset(dataset_name, dataset_config)
         splits = list(dataset)
     else:
-        if shuffle_buffer_size < 1:
-            raise ValueError(f"shuffle_buffer_size must be >= 1 (rows held to shuffle), got {shuffle_buffer_size}")
         builder = load_dataset_builder(dataset_name, dataset_config)
         splits = list(builder.config.data_files or {})
     for argument, split in (
