@@ -108,13 +108,18 @@ def test_a_streamed_split_holds_the_in_memory_rows(demo_dataset, tmp_path) -> No
         load_training_splits(str(json_folder), None, "train", "validation", None, False, streaming=True)
 
 
-def test_streaming_refuses_length_grouping(parts, capsys) -> None:
+def test_streaming_refuses_length_grouping_and_an_empty_buffer(parts, capsys) -> None:
     argv = stage1_argv(parts, parts["root"] / "grouped", "--streaming", "true")
     argv[argv.index("sequential")] = "group_by_length"
     assert sft["main"](argv) == 2
     error = capsys.readouterr().err.strip()  # at argument time: before any model is loaded
     assert error.startswith("sft: error: train_sampling_strategy: 'group_by_length' needs every row's length")
     assert "\n" not in error and not (parts["root"] / "grouped").exists()
+    argv = stage1_argv(parts, parts["root"] / "no-buffer", "--streaming", "true", "--shuffle_buffer_size", "0")
+    assert sft["main"](argv) == 2
+    assert (
+        capsys.readouterr().err.strip() == "sft: error: shuffle_buffer_size must be >= 1 (rows held to shuffle), got 0"
+    )
 
 
 def test_streamed_stage1_trains_as_the_in_memory_one(parts, monkeypatch) -> None:
