@@ -259,13 +259,20 @@ def generation_row(args: argparse.Namespace) -> None:
         as_text_lengths = [text + count for text, count in zip(text_positions, written, strict=True)]
         as_text = {k: v.to(DEVICE) for k, v in left_padded(as_text_lengths, 10, protein_id, pad_id).items()}
         systems = {"SEPIT": (sepit, inputs), "bare": (bare, bare_inputs), "as-text": (bare, as_text)}
-        times = {name: [] for name in systems}
+        protein_inputs = [inputs[name] for name in ("protein_input_ids", "protein_attention_mask")]
+        times = {name: [] for name in (*systems, "SEPIT 1 token", "bare 1 token", "encoder")}
         for model, model_inputs in systems.values():
             generate_seconds(model, model_inputs, 2)  # warm-up
         for _ in range(args.repeats):
             for name, (model, model_inputs) in systems.items():
                 times[name].append(generate_seconds(model, model_inputs, args.new_tokens))
-        rate = {name: batch_size * args.new_tokens / statistics.median(values) for name, values in times.items()}
+            # The profile: prompt pass (one new token) of SEPIT and of the bare LLM, and SEPIT's ESM encoder alone.
+            times["SEPIT 1 token"].append(generate_seconds(sepit, inputs, 1))
+            times["bare 1 token"].append(generate_seconds(bare, bare_inputs, 1))
+            with torch.no_grad():
+                times["encoder"].append(measured(lambda p=protein_inputs: sepit.model.get_protein_features(*p))[0])
+        rate = {name: batch_size * args.new_tokens / statistics.median(times[name]) for name in systems}
+        median = {name: statistics.median(values) for name, values in times.items()}
         cells = (
             args.new_tokens,
             batch_size,
@@ -279,6 +286,14 @@ def generation_row(args: argparse.Namespace) -> None:
         )
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
         print(f"# raw seconds: {json.dumps(times)}", flush=True)
+        steps = max(args.new_tokens - 1, 1)
+        print(
+            f"# profile, batch {batch_size}: prompt pass SEPIT {median['SEPIT 1 token']:.3f} s (ESM encoder "
+            f"{median['encoder']:.3f} s) vs bare {median['bare 1 token']:.3f} s; decoding per step SEPIT "
+            f"{(median['SEPIT'] - median['SEPIT 1 token']) / steps:.3f} s vs bare "
+            f"{(median['bare'] - median['bare 1 token']) / steps:.3f} s",
+            flush=True,
+        )
 
 
 def matmul_peak(dtype: torch.dtype, calls: int = 10) -> float:
