@@ -12,8 +12,9 @@ The folder also holds the LLM tokenizer (with `<protein>`), a generation config 
 SEPIT's `generate` does, and `sepit_export.json`, naming the SEPIT folder it came from. The serving side computes the
 prompt embeddings with that SEPIT folder (`prompt_embeddings`: the processor's expansion of `<protein>`, the encoder,
 the structure module, the projector and the splice into the token embeddings, exactly as SEPIT's forward does) and
-gives them to the LLM as `inputs_embeds` (`prompt_embeds` in vLLM). The SEPIT folder is referenced rather than
-copied: it is the one place its encoder, projector and processor live, so the two sides cannot drift apart.
+gives them to the LLM as `inputs_embeds` (`prompt_embeds` in vLLM); `load_protein_side` loads that folder without its
+LLM's decoder layers. The SEPIT folder is referenced rather than copied: it is the one place its encoder, projector
+and processor live, so the two sides cannot drift apart.
 """
 
 import copy
@@ -176,6 +177,23 @@ def prompt_embeddings(model: SepitForConditionalGeneration, **inputs) -> torch.T
     finally:
         hook.remove()
     raise RuntimeError("SEPIT's forward returned without calling its LLM")
+
+
+class SepitProteinSide(SepitForConditionalGeneration):
+    """A SEPIT model loaded without its LLM's decoder layers (`load_protein_side`): encoder, structure module, projector
+    and token embeddings, for `prompt_embeddings` only (its logits mean nothing). The layers' weights in the folder
+    are left out on purpose, so they are not reported as unexpected."""
+
+    _keys_to_ignore_on_load_unexpected = [r"\.language_model\.layers\."]
+
+
+def load_protein_side(model_name_or_path: str | os.PathLike, **kwargs) -> tuple[SepitProteinSide, SepitProcessor]:
+    """What a server beside the exported LLM needs for `prompt_embeddings`: the SEPIT model without its LLM's decoder
+    layers (so the LLM's weights are not held twice) and its processor. `kwargs` go to `from_pretrained`."""
+    config = SepitConfig.from_pretrained(model_name_or_path)
+    config.text_config.num_hidden_layers = 0
+    model = SepitProteinSide.from_pretrained(model_name_or_path, config=config, **kwargs)
+    return model.eval(), SepitProcessor.from_pretrained(model_name_or_path)
 
 
 def source_reference(model_name_or_path: str | os.PathLike) -> str:

@@ -5,15 +5,17 @@ replaced."""
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import modeling_utils
 
 from modeling_sepit import SepitForConditionalGeneration
 from modeling_sepit.atomic_folder import MARKER
-from modeling_sepit.export_llm import EXPORT_FILE, export_llm, prompt_embeddings, stock_causal_lm
+from modeling_sepit.export_llm import EXPORT_FILE, export_llm, load_protein_side, prompt_embeddings, stock_causal_lm
 from tests.conftest import STRUCTURES, run_command_line, run_in_fresh_python, tiny_config
 
 VARIANTS = {"dense": None, "moe-top1": 1, "moe-top2": 2}
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import modeling_utils
 from transformers import AutoModelForCausalLM
 
 root, new_tokens = Path(sys.argv[1]), int(sys.argv[2])
@@ -138,6 +141,23 @@ def test_the_folder_is_a_stock_checkpoint_naming_its_sepit_folder(sepit_folders,
     generation = json.loads((folders["dense"] / "generation_config.json").read_text())
     assert generation["suppress_tokens"] == [model.config.protein_token_id]  # as SEPIT's generate
     assert (folders["dense"] / "tokenizer.json").is_file()
+
+
+def test_the_protein_side_loads_without_the_llm_layers_and_embeds_the_same(sepit_folders, prompts):
+    model, folder = sepit_folders["moe-top2"]
+    reports = []
+    handler = logging.Handler()
+    handler.emit = reports.append
+    report_logger = logging.getLogger(modeling_utils.__name__)
+    report_logger.addHandler(handler)
+    try:
+        protein_side, processor = load_protein_side(folder)
+    finally:
+        report_logger.removeHandler(handler)
+    assert not reports  # the layers left out are not reported as a loading problem
+    assert len(protein_side.model.language_model.layers) == 0
+    assert processor.protein_token_id == model.config.protein_token_id
+    assert torch.equal(prompt_embeddings(protein_side, **prompts), prompt_embeddings(model, **prompts))
 
 
 def test_unnormalised_routing_is_refused_as_mixtral_cannot_express_it(model_and_processor, tmp_path):
