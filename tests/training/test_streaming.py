@@ -30,8 +30,8 @@ sft = runpy.run_path(str(SFT))
 
 @pytest.fixture(autouse=True)
 def no_arrow_shutdown_wait(monkeypatch) -> None:
-    """A buffer-shuffled stream waits `SLEEP_TIME_ON_THREADS_SHUTDOWN` (5 s) at the end of each pass, datasets'
-    guard against Arrow's reader threads outliving the interpreter (apache/arrow#39862); this process outlives them."""
+    """A buffer-shuffled stream waits `SLEEP_TIME_ON_THREADS_SHUTDOWN` (5 s) whenever a pass over it ends, datasets'
+    guard against Arrow's reader threads outliving the interpreter (apache/arrow#45214); this process outlives them."""
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
