@@ -12,6 +12,9 @@ system's requests and calls it; `training/generate.py` and `training/evaluate.py
   after cutting a line a kill left half-written. `settings.json` there refuses a rerun with other settings.
 - The protein encoder runs once per distinct protein per batch: several questions about one protein share one
   `get_protein_features` pass, given to `generate` as `mm_encoder_outputs`.
+- Streamed (`generate_streamed`): a split larger than memory is read as a `datasets` `IterableDataset`, a window of
+  rows at a time; windows go round-robin to the processes (`split_dataset_by_node`) and each is sorted and batched
+  as above, so its answers do not depend on the number of processes either; the same shards make it resumable.
 
 Also the two record formats of answers: the project's predictions (`predictions.jsonl`, one field per system, which
 `training/score.py` reads) and the original SEPIT release's inference output (`{"id", "conversation", "response"}`).
@@ -22,14 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from datasets import Dataset, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -44,6 +48,7 @@ Request = tuple[list[dict], list]
 # The columns a question row needs (the `instructions` config's; `captions` rows hold no question).
 QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
 SETTINGS_FILE = "settings.json"
+WINDOW_COLUMN = "__window__"  # the number `generate_streamed` gives each window of a stream
 
 
 def check_generation_settings(max_samples: int | None, batch_size: int, max_new_tokens: int) -> None:
@@ -57,14 +62,18 @@ def check_generation_settings(max_samples: int | None, batch_size: int, max_new_
         raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
 
 
-def question_rows(dataset_name: str, config: str | None, split: str | None, field: str | None = None) -> Dataset:
+def question_rows(
+    dataset_name: str, config: str | None, split: str | None, field: str | None = None, streaming: bool = False
+) -> Dataset | IterableDataset:
     """The rows of a question split (split "test" of a folder without configs when `config` is None), refused with
     a ValueError naming the argument (`field`; by default `dataset_name`, or `external_benchmarks` without a config)
-    when `load_dataset` could not load it or its rows hold no questions."""
+    when `load_dataset` could not load it or its rows hold no questions. `streaming`: an `IterableDataset` that
+    reads the files as it is iterated (for `generate_streamed`), not a table loaded whole."""
     field = field or ("dataset_name" if config else "external_benchmarks")
     check_dataset(dataset_name, config, field)
-    dataset = load_dataset(dataset_name, config, split=split)
-    missing = [column for column in QUESTION_COLUMNS if column not in dataset.column_names]
+    dataset = load_dataset(dataset_name, config, split=split, streaming=streaming)
+    columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset), {}))
+    missing = [column for column in QUESTION_COLUMNS if column not in columns]
     if missing:
         raise ValueError(
             f"dataset_config: {config or 'default'} rows of {dataset_name} have no {missing} columns (no questions); "
@@ -203,6 +212,40 @@ def _generate_batch(
     return [text.strip() for text in texts]
 
 
+def _open_shards(shard_dir: Path, stored: dict[str, Any], state: PartialState) -> tuple[dict[int, str], BinaryIO]:
+    """The answers already in `shard_dir` (after `stored` is checked against its settings and each process's torn
+    last line is cut) and this process's shard file, opened for appending. Every process calls it."""
+    _check_settings(shard_dir, stored)  # every process, before any waits for another
+    own = shard_dir / f"rank-{state.process_index:05d}.jsonl"
+    if state.is_main_process:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl(shard_dir / SETTINGS_FILE, iter([stored]))
+    state.wait_for_everyone()
+    _cut_torn_line(own)
+    state.wait_for_everyone()  # no file is read while its process may still cut it
+    return _answered(shard_dir), own.open("ab")
+
+
+def _answer_batch(
+    model: PreTrainedModel,
+    processor: SepitProcessor | PreTrainedTokenizerBase,
+    batch: Sequence[tuple[int, Request]],
+    max_new_tokens: int,
+    handle: BinaryIO | None,
+) -> dict[int, str]:
+    """{index: answer} of one batch of numbered requests, appended to `handle` (and fsynced) when there is one."""
+    answers = dict(
+        zip(
+            [i for i, _ in batch], _generate_batch(model, processor, [r for _, r in batch], max_new_tokens), strict=True
+        )
+    )
+    if handle is not None:
+        handle.write("".join(json.dumps({"index": i, "answer": a}) + "\n" for i, a in answers.items()).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return answers
+
+
 @torch.no_grad()
 def generate_in_batches(
     model: PreTrainedModel,
@@ -233,7 +276,6 @@ def generate_in_batches(
     done: dict[int, str] = {}
     handle = None
     if shard_dir is not None:
-        shard_dir = Path(shard_dir)
         stored = {
             **(settings or {}),
             "rows": len(requests),
@@ -241,30 +283,14 @@ def generate_in_batches(
             "max_new_tokens": max_new_tokens,
             "questions_sha256": _fingerprint(requests, sort_keys),
         }
-        _check_settings(shard_dir, stored)  # every process, before any waits for another
-        own = shard_dir / f"rank-{state.process_index:05d}.jsonl"
-        if state.is_main_process:
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            write_jsonl(shard_dir / SETTINGS_FILE, iter([stored]))
-        state.wait_for_everyone()
-        _cut_torn_line(own)
-        state.wait_for_everyone()  # no file is read while its process may still cut it
-        done = _answered(shard_dir)
-        handle = own.open("ab")
+        done, handle = _open_shards(Path(shard_dir), stored, state)
     remaining = [batch for batch in batches if not all(i in done for i in batch)]
     mine = remaining[state.process_index :: state.num_processes]
     new: dict[int, str] = {}
     model.eval()
     try:
-        bar = tqdm(mine, desc=description, disable=not (progress and state.is_main_process))
-        for batch in bar:
-            answers = _generate_batch(model, processor, [requests[i] for i in batch], max_new_tokens)
-            new.update(zip(batch, answers, strict=True))
-            if handle is not None:
-                lines = "".join(json.dumps({"index": i, "answer": new[i]}) + "\n" for i in batch)
-                handle.write(lines.encode())
-                handle.flush()
-                os.fsync(handle.fileno())
+        for batch in tqdm(mine, desc=description, disable=not (progress and state.is_main_process)):
+            new.update(_answer_batch(model, processor, [(i, requests[i]) for i in batch], max_new_tokens, handle))
     finally:
         if handle is not None:
             handle.close()
@@ -273,10 +299,92 @@ def generate_in_batches(
     return [done[i] for i in range(len(requests))]
 
 
+def _rows_of_window(window: dict[str, list]) -> list[dict]:
+    """A window of `IterableDataset.batch` (columns of lists) as its rows."""
+    columns = [column for column in window if column != WINDOW_COLUMN]
+    return [dict(zip(columns, values, strict=True)) for values in zip(*(window[c] for c in columns), strict=True)]
+
+
+def _own_rows(total: int | None, window: int, state: PartialState) -> int | None:
+    """How many of `total` rows fall in this process's windows (every N-th from its rank): its progress bar's end."""
+    if total is None:
+        return None
+    starts = range(state.process_index * window, total, state.num_processes * window)
+    return sum(min(window, total - start) for start in starts)
+
+
+@torch.no_grad()
+def generate_streamed(
+    model: PreTrainedModel,
+    processor: SepitProcessor | PreTrainedTokenizerBase,
+    rows: IterableDataset,
+    requests_for: Callable[[list[dict]], tuple[list[Request], list]],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    window: int = 1024,
+    shard_dir: str | os.PathLike | None = None,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    description: str = "generating",
+    total: int | None = None,
+) -> dict[int, str]:
+    """Greedy answers to the rows of a stream (`datasets` `IterableDataset`), as {row number in the stream: answer}
+    on every process, for splits that need not fit in memory.
+
+    The stream is read `window` rows at a time; the windows are numbered and shared among processes by
+    `datasets.distributed.split_dataset_by_node` (by example: process r takes windows r, r + N, ...; a window's rows
+    are consecutive, so a protein's questions stay together). `requests_for` turns a window's rows into requests and
+    sort keys (`evaluation_sepit.system_requests`); each window is sorted and cut into batches as
+    `generate_in_batches` cuts the whole split, so its batches, and answers, are the same whatever the number of
+    processes and wherever a run was killed. With `shard_dir`, answers are appended and resumed as there: a rerun
+    reads past the windows already answered and generates only the batches that are not. `settings` are checked as
+    there, with the batch size, token limit and window (no fingerprint of the questions: that would read the whole
+    stream first). `total`: the number of rows, if known, for the progress bar."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    state = PartialState(cpu=model.device.type == "cpu")
+    done: dict[int, str] = {}
+    handle = None
+    if shard_dir is not None:
+        stored = {**(settings or {}), "batch_size": batch_size, "max_new_tokens": max_new_tokens, "window": window}
+        done, handle = _open_shards(Path(shard_dir), stored, state)
+    windows = rows.batch(window).map(lambda _, number: {WINDOW_COLUMN: number}, with_indices=True)
+    mine = split_dataset_by_node(windows, state.process_index, state.num_processes, strategy="examples")
+    new: dict[int, str] = {}
+    model.eval()
+    bar = tqdm(
+        total=_own_rows(total, window, state),
+        desc=description,
+        unit="rows",
+        disable=not (progress and state.is_main_process),
+    )
+    try:
+        for columns in mine:
+            first = columns[WINDOW_COLUMN] * window
+            requests, sort_keys = requests_for(_rows_of_window(columns))
+            order = sorted(range(len(requests)), key=lambda i: sort_keys[i])
+            for start in range(0, len(order), batch_size):
+                batch = [first + i for i in order[start : start + batch_size]]
+                if not all(i in done for i in batch):
+                    numbered = [(i, requests[i - first]) for i in batch]
+                    new.update(_answer_batch(model, processor, numbered, max_new_tokens, handle))
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.close()
+    for part in gather_object([new]):
+        done.update(part)
+    return done
+
+
 __all__ = [
     "QUESTION_COLUMNS",
     "Request",
     "generate_in_batches",
+    "generate_streamed",
     "original_records",
     "prediction_records",
     "question_rows",

@@ -13,6 +13,11 @@ SEPIT model; `purellm, sequence as text` from a PureLLM folder of `training/pure
 "response"}`); both score with `training/score.py`. Each is replaced whole at the end; `<output_dir>/shards/` keeps the
 answers as they come (one file per process) and the settings, which a rerun must repeat. `output_dir` is written only
 when it is new, empty or an earlier generation (else `--overwrite`, which also starts over).
+
+`--streaming`: for a split larger than memory, the Parquet files are read as a `datasets` `IterableDataset`,
+`--stream_window` rows at a time, the windows shared among the processes (`split_dataset_by_node`); each window is
+sorted by length and batched as the whole split is without it, and the outputs are written by reading the stream
+again. Resuming after a kill works the same way.
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from datasets import IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import check_output_path, claim_output_folder
 from modeling_sepit.batch_generation import (
     check_generation_settings,
+    generate_streamed,
     original_records,
     prediction_records,
     question_rows,
     write_jsonl,
 )
 from modeling_sepit.cli_sepit import check_device, script_parser
-from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT, SYSTEMS, generate_answers
+from modeling_sepit.evaluation_sepit import PURE_LLM, SEPIT, SYSTEMS, generate_answers, system_requests
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.pure_llm import load_pure_llm
 
@@ -65,6 +73,12 @@ class GenerationArguments:
     overwrite: bool = field(
         default=False, metadata={"help": "Write output_dir even if something else wrote it, and start over."}
     )
+    streaming: bool = field(
+        default=False, metadata={"help": "Read the split as a stream (datasets' IterableDataset), not whole."}
+    )
+    stream_window: int = field(
+        default=1024, metadata={"help": "With --streaming: rows read, sorted by length and batched together."}
+    )
 
     def __post_init__(self) -> None:
         given = self.model_name_or_path
@@ -73,6 +87,8 @@ class GenerationArguments:
         if self.system not in SYSTEMS:
             raise ValueError(f"system: {self.system!r}; choose from {list(SYSTEMS)}")
         check_generation_settings(self.max_samples, self.batch_size, self.max_new_tokens)
+        if self.stream_window < 1:
+            raise ValueError(f"stream_window must be at least 1, got {self.stream_window}")
         if not self.split or "/" in self.split:
             raise ValueError(f"split: {self.split!r} is not a split name")
         check_device(self.device)
@@ -84,9 +100,40 @@ class GenerationArguments:
         return [self.model_name_or_path, self.dataset_name]
 
     @property
-    def settings(self) -> dict[str, str | int | None]:
-        """What the answers depend on besides the questions, batch size and token limit: a rerun must repeat it."""
-        return {"model": self.model_name_or_path, "dtype": self.dtype}
+    def settings(self) -> dict[str, str | int | bool | None]:
+        """What the answers depend on besides the questions, batch size and token limit: a rerun must repeat it (a
+        streamed run also names its rows, whose fingerprint it cannot take without reading them all first)."""
+        settings = {"model": self.model_name_or_path, "dtype": self.dtype}
+        if self.streaming:
+            rows = {"dataset": self.dataset_name, "config": self.dataset_config, "split": self.split}
+            settings |= {"streaming": True, **rows, "max_samples": self.max_samples}
+        return settings
+
+
+def _generate_streamed(
+    args: GenerationArguments,
+    model: PreTrainedModel,
+    processor: SepitProcessor | PreTrainedTokenizerBase,
+    rows: IterableDataset,
+    shard_dir: Path,
+) -> list[str]:
+    """The answers to a streamed split, in row order (`batch_generation.generate_streamed`)."""
+    known = rows.info.splits[args.split].num_examples if rows.info.splits and args.split in rows.info.splits else None
+    total = min(known, args.max_samples or known) if known is not None else None
+    answers = generate_streamed(
+        model,
+        processor,
+        rows,
+        lambda window: system_requests(model, processor, window, args.system),
+        args.batch_size,
+        args.max_new_tokens,
+        window=args.stream_window,
+        shard_dir=shard_dir,
+        settings={"system": args.system, **args.settings},
+        description=f"generating ({args.system})",
+        total=total,
+    )
+    return [answers[i] for i in range(len(answers))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         require_local_or_cached(args.model_name_or_path, "model_name_or_path")
-        rows = question_rows(args.dataset_name, args.dataset_config or None, args.split, field="dataset_name")
+        rows = question_rows(
+            args.dataset_name, args.dataset_config or None, args.split, field="dataset_name", streaming=args.streaming
+        )
         if args.max_samples is not None:
-            rows = rows.select(range(min(args.max_samples, len(rows))))
+            rows = (
+                rows.take(args.max_samples) if args.streaming else rows.select(range(min(args.max_samples, len(rows))))
+            )
         if args.system == PURE_LLM:
             model, processor = load_pure_llm(args.model_name_or_path, args.dtype)
         else:
@@ -116,16 +167,19 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(output_dir / SHARDS, ignore_errors=True)
     state.wait_for_everyone()
     try:
-        answers = generate_answers(
-            model.to(device),
-            processor,
-            rows,
-            args.system,
-            args.batch_size,
-            args.max_new_tokens,
-            shard_dir=output_dir / SHARDS,
-            settings=args.settings,
-        )
+        if args.streaming:
+            answers = _generate_streamed(args, model.to(device), processor, rows, output_dir / SHARDS)
+        else:
+            answers = generate_answers(
+                model.to(device),
+                processor,
+                rows,
+                args.system,
+                args.batch_size,
+                args.max_new_tokens,
+                shard_dir=output_dir / SHARDS,
+                settings=args.settings,
+            )
     except ValueError as error:  # the shards of an earlier run with other settings
         print(f"generate: error: {' '.join(str(error).split())} (--overwrite starts over here)", file=sys.stderr)
         return 2

@@ -7,10 +7,16 @@ import runpy
 from pathlib import Path
 
 import pytest
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 
-from modeling_sepit.batch_generation import generate_in_batches, original_records, prediction_records, write_jsonl
-from modeling_sepit.evaluation_sepit import SEPIT, generate_answers
+from modeling_sepit.batch_generation import (
+    generate_in_batches,
+    generate_streamed,
+    original_records,
+    prediction_records,
+    write_jsonl,
+)
+from modeling_sepit.evaluation_sepit import SEPIT, generate_answers, system_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 score = runpy.run_path(str(ROOT / "training" / "score.py"))
@@ -69,6 +75,38 @@ def test_a_killed_shard_resumes_without_regenerating_its_answers(
     monkeypatch.setattr(model, "generate", lambda **kw: calls.append(len(kw["input_ids"])) or generate(**kw))
     resumed = generate_answers(model, processor, rows, SEPIT, 2, 6, progress=False, shard_dir=shards)
     assert resumed == expected and calls == [2, 1]  # the two batches not written, not the first
+    records = [json.loads(line) for line in shard.read_bytes().splitlines()]
+    assert sorted(record["index"] for record in records) == list(range(len(rows)))
+
+
+def test_a_stream_is_answered_window_by_window_as_in_memory_and_resumes(
+    model_and_processor, rows, tmp_path, monkeypatch
+) -> None:
+    model, processor = model_and_processor
+    expected = generate_answers(model, processor, rows, SEPIT, batch_size=2, max_new_tokens=6, progress=False)
+    stream = Dataset.from_list(rows).to_iterable_dataset()
+
+    def requests_for(window: list[dict]) -> tuple[list, list]:
+        return system_requests(model, processor, window, SEPIT)
+
+    shards = tmp_path / "shards"
+    answers = generate_streamed(
+        model, processor, stream, requests_for, 2, 6, window=3, shard_dir=shards, progress=False
+    )
+    assert answers == dict(enumerate(expected))
+    shard = shards / "rank-00000.jsonl"
+    lines = shard.read_bytes().splitlines(keepends=True)
+    first_window = sorted(json.loads(line)["index"] for line in lines[:3])
+    assert len(lines) == len(rows) and first_window == [0, 1, 2]  # rows 0-2, then 3-4
+    # As a kill leaves it: the first window's first batch (two rows) written, its second cut mid-line.
+    shard.write_bytes(b"".join(lines[:2]) + lines[2][:7])
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(len(kw["input_ids"])) or generate(**kw))
+    resumed = generate_streamed(
+        model, processor, stream, requests_for, 2, 6, window=3, shard_dir=shards, progress=False
+    )
+    assert resumed == answers and calls == [1, 2]  # the rest of the first window, then the second
     records = [json.loads(line) for line in shard.read_bytes().splitlines()]
     assert sorted(record["index"] for record in records) == list(range(len(rows)))
 

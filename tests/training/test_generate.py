@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GENERATE = ROOT / "training" / "generate.py"
 generate = runpy.run_path(str(GENERATE))
 ROWS = 12
+STREAMING = ["--streaming", "--stream_window", "5"]  # windows of 5, 5 and 2 rows
 # Runs the command with every generate call slowed, so that a kill lands between two batches' writes.
 SLOW_WRAPPER = """
 import runpy, sys, time
@@ -71,26 +72,41 @@ def test_both_formats_in_input_order(one_process, demo_dataset) -> None:
     assert json.loads((one_process / ".sepit-output").read_text()) == {"writer": "generate"}
 
 
-def test_two_processes_give_the_answers_of_one(one_process, saved_model, demo_dataset, tmp_path) -> None:
+def test_a_streamed_split_gives_the_answers_in_memory(one_process, saved_model, demo_dataset, tmp_path) -> None:
+    output = tmp_path / "generation"
+    assert generate["main"](argv(saved_model, demo_dataset, output, *STREAMING)) == 0
+    assert outputs(output) == outputs(one_process)
+    settings = json.loads((output / "shards" / "settings.json").read_text())
+    assert settings["streaming"] is True and settings["window"] == 5 and settings["max_samples"] == ROWS
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streamed"])
+def test_two_processes_give_the_answers_of_one(one_process, saved_model, demo_dataset, tmp_path, streaming) -> None:
     output = tmp_path / "generation"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(GENERATE), *argv(saved_model, demo_dataset, output),
+        "--master_port", str(_free_port()), str(GENERATE),
+        *argv(saved_model, demo_dataset, output, *(STREAMING if streaming else [])),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert outputs(output) == outputs(one_process)
     shards = [(output / "shards" / f"rank-{rank:05d}.jsonl").read_text().splitlines() for rank in (0, 1)]
-    assert sorted(len(lines) for lines in shards) == [ROWS // 2, ROWS // 2]  # three batches of two each
+    # In memory: three batches of two each. Streamed: windows of 5, 5 and 2 rows, the first and last to rank 0.
+    assert [len(lines) for lines in shards] == ([7, 5] if streaming else [ROWS // 2, ROWS // 2])
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_answers(one_process, saved_model, demo_dataset, tmp_path) -> None:
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streamed"])
+def test_a_killed_run_resumes_to_the_uninterrupted_answers(
+    one_process, saved_model, demo_dataset, tmp_path, streaming
+) -> None:
     output = tmp_path / "generation"
     wrapper = tmp_path / "slow.py"
     wrapper.write_text(SLOW_WRAPPER)
+    extra = STREAMING if streaming else []
     process = subprocess.Popen(
-        [sys.executable, str(wrapper), str(GENERATE), *argv(saved_model, demo_dataset, output)],
+        [sys.executable, str(wrapper), str(GENERATE), *argv(saved_model, demo_dataset, output, *extra)],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     shard = output / "shards" / "rank-00000.jsonl"
@@ -102,7 +118,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_answers(one_process, saved_mo
     process.wait()
     written = shard.read_bytes().count(b"\n")
     assert written < ROWS and not (output / "predictions.jsonl").exists()
-    assert generate["main"](argv(saved_model, demo_dataset, output)) == 0
+    assert generate["main"](argv(saved_model, demo_dataset, output, *extra)) == 0
     assert outputs(output) == outputs(one_process)
     assert shard.read_bytes().count(b"\n") == ROWS  # the answers written before the kill were not generated again
 
