@@ -291,13 +291,14 @@ class ShardedTrainingMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gradient_hooks: list | None = None
-        self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if self._zero3:
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        present = [cls for cls in ZERO3_LEAF_MODULES if any(isinstance(m, cls) for m in self.model.modules())]
+        # Under ZeRO-3, a model with a structure module is given coordinates on every batch (all masked if none).
+        self._always_structure = zero3 and SepitStructureModule in present
+        if zero3 and present:
             from deepspeed.utils import set_z3_leaf_modules
 
-            present = [cls for cls in ZERO3_LEAF_MODULES if any(isinstance(m, cls) for m in self.model.modules())]
-            if present:
-                set_z3_leaf_modules(self.model, present)
+            set_z3_leaf_modules(self.model, present)
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         names = getattr(plugin, "transformer_cls_names_to_wrap", None)
         if names:
@@ -315,7 +316,11 @@ class ShardedTrainingMixin:
                 # loss reads its weight without calling it, and would get the shard (whose gradient then escapes
                 # FSDP's averaging). Gathered here, as its forward would, its gradient is reduced with the others.
                 head.unshard()
-        if self._zero3 and inputs.get("protein_input_ids") is not None and inputs.get("protein_coords") is None:
+        if (
+            self._always_structure
+            and inputs.get("protein_input_ids") is not None
+            and inputs.get("protein_coords") is None
+        ):
             ids = inputs["protein_input_ids"]
             inputs["protein_coords"] = torch.zeros((*ids.shape, 3), device=ids.device)
             inputs["protein_coords_mask"] = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
