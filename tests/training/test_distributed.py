@@ -302,6 +302,46 @@ def test_stage2_moe_two_processes_killed_and_resumed_equal_one_process(
         assert units.count("SepitSparseMoeBlock") == 2 and units.count("LlamaDecoderLayer") == 2
 
 
+UNUSED_ON_ONE_PROCESS = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from modeling_sepit.training_sepit import give_every_parameter_a_gradient
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+class Block(torch.nn.Module):  # `b` is used on process 0 only, as a structure module on a batch with structures
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    def forward(self, x, use_b):
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+torch.manual_seed(0)
+block = Block()
+fully_shard(block)
+give_every_parameter_a_gradient(block)
+block(torch.ones(2, 4), rank == 0).sum().backward()
+grad = block.b.weight.grad.full_tensor()
+if rank == 0:
+    torch.save(grad, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_a_parameter_unused_on_one_process_gets_a_gradient_under_fsdp2(tmp_path) -> None:
+    """Without `give_every_parameter_a_gradient` the processes reduce-scatter different sets of gradients (gloo:
+    "Received data size doesn't match expected size"); with it, the unused parameter's zero gradient joins the mean."""
+    script = tmp_path / "unused.py"
+    script.write_text(UNUSED_ON_ONE_PROCESS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(script), str(tmp_path / "grad.pt"),
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # d(sum(b(x)))/dW = 2 per entry (two rows of ones) on process 0, 0 on process 1: their mean is 1.
+    torch.testing.assert_close(torch.load(tmp_path / "grad.pt", weights_only=True), torch.ones(4, 4))
+
+
 # Stage 0's contrastive temperature is a 0-d parameter (`SepitForProteinPretraining.logit_scale`), which neither engine
 # shards; making it 1-d changes the model's checkpoint format, so it is left to a model change. The errors, as raised:
 STAGE0_ERRORS = {
