@@ -348,8 +348,11 @@ STAGE0_ERRORS = {
     "fsdp": "ValueError: fully_shard doesn't support scalar parameters. Change logit_scale to a 1D tensor with numel "
     "equal to 1. (after NotImplementedError: `get_input_embeddings` not auto-handled for SepitForProteinPretraining, "
     "which Accelerate's FSDP2 preparation calls)",
-    "zero3": "RuntimeError: self.dim() cannot be 0 to view Float as Byte (different element sizes) (DeepSpeedEngine."
-    "_broadcast_model, on logit_scale)",
+    **dict.fromkeys(
+        ("zero2", "zero3"),
+        "RuntimeError: self.dim() cannot be 0 to view Float as Byte (different element sizes) (DeepSpeedEngine."
+        "_broadcast_model, on logit_scale)",
+    ),
 }
 
 
