@@ -230,6 +230,7 @@ def export_llm(model_name_or_path: str | os.PathLike, output_dir: str | os.PathL
             "architecture": causal_lm.config.architectures[0],
             "protein_token_id": model.config.protein_token_id,
             "hidden_size": model.config.text_config.hidden_size,
+            "protein_side": f"{__name__}.{load_protein_side.__name__}",
             "prompt_embeddings": f"{__name__}.{prompt_embeddings.__name__}",
         }
         (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

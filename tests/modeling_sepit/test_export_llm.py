@@ -138,6 +138,7 @@ def test_the_folder_is_a_stock_checkpoint_naming_its_sepit_folder(sepit_folders,
     record = json.loads((folders["dense"] / EXPORT_FILE).read_text())
     assert record["sepit_model"] == str(sepit_folder.resolve())
     assert record["protein_token_id"] == model.config.protein_token_id
+    assert record["protein_side"] == "modeling_sepit.export_llm.load_protein_side"
     generation = json.loads((folders["dense"] / "generation_config.json").read_text())
     assert generation["suppress_tokens"] == [model.config.protein_token_id]  # as SEPIT's generate
     assert (folders["dense"] / "tokenizer.json").is_file()
