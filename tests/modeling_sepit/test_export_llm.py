@@ -16,7 +16,15 @@ from transformers import modeling_utils
 from modeling_sepit import SepitForConditionalGeneration
 from modeling_sepit.atomic_folder import MARKER
 from modeling_sepit.export_llm import EXPORT_FILE, export_llm, load_protein_side, prompt_embeddings, stock_causal_lm
-from tests.conftest import STRUCTURES, run_command_line, run_in_fresh_python, tiny_config
+from tests.conftest import (
+    STRUCTURES,
+    pad,
+    prompt_ids,
+    protein_batch,
+    run_command_line,
+    run_in_fresh_python,
+    tiny_config,
+)
 
 VARIANTS = {"dense": None, "moe-top1": 1, "moe-top2": 2}
 NEW_TOKENS = 12
@@ -120,6 +128,35 @@ def test_exported_llm_greedy_answers_equal_sepits(variant, sepit_folders, prompt
     with torch.no_grad():
         expected = model.generate(**prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(outputs[variant]["tokens"], expected[:, prompts["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "top_k", "architecture"),
+    [
+        ("qwen2", None, "Qwen2ForCausalLM"),
+        ("mistral", None, "MistralForCausalLM"),
+        ("mistral", 2, "MixtralForCausalLM"),
+    ],
+    ids=["qwen2", "mistral", "mistral-moe"],
+)
+def test_other_llms_export_as_their_stock_class(model_type, top_k, architecture, real_proteins, protein_tokenizer):
+    """Qwen2 (attention biases) and Mistral (sliding window, as Mixtral has) give SEPIT's logits too."""
+    torch.manual_seed(0)
+    text_config = {**tiny_config().text_config.to_dict(), "model_type": model_type, "sliding_window": 8}
+    for name in ("num_experts", "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef", "head_dim"):
+        text_config.pop(name, None)
+    model = SepitForConditionalGeneration(tiny_config(text_config=text_config)).eval()
+    if top_k is not None:
+        model = upcycled(model, top_k)
+    batch = protein_batch(real_proteins[1:], protein_tokenizer)
+    ids, mask = pad(prompt_ids(batch["protein_attention_mask"].sum(-1).tolist()), "left")
+    llm = stock_causal_lm(model)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, **batch).logits
+        embeds = prompt_embeddings(model, input_ids=ids, attention_mask=mask, **batch)
+        logits = llm(inputs_embeds=embeds, attention_mask=mask).logits
+    assert type(llm).__name__ == architecture
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-5)
 
 
 def test_the_folder_is_a_stock_checkpoint_naming_its_sepit_folder(sepit_folders, exported):
