@@ -41,7 +41,11 @@ def pipeline_loop(asker, proteins, questions: dict[str, str], max_new_tokens: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s --parts PARTS [--name value ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--parts", required=True, help="Folder of training/build_tiny_parts.py")
     parser.add_argument("--proteins", type=int, default=24)
     parser.add_argument("--structures", default=None, help="Annotate this structure folder's chains instead")
