@@ -218,6 +218,16 @@ def test_bad_arguments_exit_2_with_one_line(saved_model, structures, tmp_path, c
     assert error.startswith("annotate: error: ") and message in error
 
 
+def test_a_questions_file_gives_its_own_questions(model_and_processor, tmp_path) -> None:
+    asked = {"binding": "Which ligands does <protein> bind?", "fold": "<protein> What fold does it have?"}
+    (tmp_path / "questions.json").write_text(json.dumps(asked))
+    questions = question_set(["function"], str(tmp_path / "questions.json"))
+    assert questions == asked  # the file replaces --questions
+    proteins = read_proteins([str(FASTA)])[:1]
+    rows = annotate(*model_and_processor, proteins, questions, max_new_tokens=2, progress=False)
+    assert [(row["question_type"], row["question"]) for row in rows] == list(asked.items())
+
+
 def test_bad_questions_files_and_unreadable_inputs_exit_2(saved_model, tmp_path, capsys) -> None:
     untagged = tmp_path / "questions.json"
     untagged.write_text(json.dumps({"role": "What does it do?"}))
@@ -225,7 +235,8 @@ def test_bad_questions_files_and_unreadable_inputs_exit_2(saved_model, tmp_path,
     only_bad.write_text(">X1\nMK1V\n")
     base = ["--model_name_or_path", str(saved_model), "--output_dir", str(tmp_path / "out")]
     assert main([*base, "--fasta", str(FASTA), "--questions_file", str(untagged)]) == 2
-    assert "question 'role' of" in capsys.readouterr().err and "must be a string with one <protein> tag"
+    error = capsys.readouterr().err
+    assert "question 'role' of" in error and "must be a string with one <protein> tag" in error
     assert main([*base, "--fasta", str(only_bad)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith(f"annotate: skipped {only_bad} (X1): sequence: invalid amino-acid letters")
