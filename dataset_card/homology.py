@@ -23,8 +23,9 @@ Only pairs whose bounds reach the threshold are aligned with traceback, so the r
 Proteins are clustered as connected components (single linkage) of the pairs at or above the threshold, and whole
 clusters go to one split, which is what guarantees the split property; the clusters holding a protein with a
 structure are spread over the splits first, so that each split has some. All-pairs alignment is quadratic; at
-Swiss-Prot scale, cluster with MMseqs2 instead (`mmseqs easy-cluster proteins.fasta clusters tmp --min-seq-id 0.5`,
-read its `clusters_cluster.tsv` with `read_cluster_tsv`) and check the result with `max_cross_identity`.
+Swiss-Prot scale, cluster with MMseqs2 instead (dataset_card/mmseqs.py, `build_dataset --cluster_engine mmseqs`,
+which uses `linked_pairs` and `pair_identities` from here to keep this module's definition of the 50% rule; or read
+clusters made elsewhere with `read_cluster_tsv`).
 """
 
 from __future__ import annotations
