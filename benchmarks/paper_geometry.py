@@ -43,9 +43,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-if any(os.environ.get(name) != value for name, value in FIXED_MMAP_ENV.items()):  # before torch allocates anything
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **FIXED_MMAP_ENV})
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -66,6 +63,9 @@ ANSWER = (
     "and metabolic waste."
 )
 LIBC = ctypes.CDLL("libc.so.6")
+# glibc's mallopt options: a fixed mmap threshold (no dynamic raise) so freed tensors go back to the OS, and the
+# trim threshold, both at 64 KiB: set by main() once the arguments are read (an import or --help changes nothing).
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, FIXED_THRESHOLD = -3, -1, 65536
 DEVICE = torch.device("cpu")  # set by --device
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -470,7 +470,11 @@ def training_row(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s {structure,generation,bf16,training} --parts PARTS [--name value ...]",
+    )
     parser.add_argument("row", choices=["structure", "generation", "bf16", "training"])
     parser.add_argument("--parts", required=True, help="Folder with protein_model/ and language_model/.")
     parser.add_argument("--length", type=int, default=1022, help="Residues of the protein (structure, training).")
@@ -484,6 +488,11 @@ def main() -> None:
         "--weights", choices=sorted(WEIGHTS), default="fp32", help="Weights dtype (structure, generation)."
     )
     args = parser.parse_args()
+    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        if LIBC.mallopt(option, FIXED_THRESHOLD) != 1:
+            raise RuntimeError(
+                f"mallopt({option}, {FIXED_THRESHOLD}) failed: peak-memory figures would not be comparable"
+            )
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.manual_seed(0)

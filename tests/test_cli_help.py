@@ -35,6 +35,8 @@ def nothing_started(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     monkeypatch.setattr(os, "fork", forbidden)
+    for name in ("execv", "execve", "execvp", "execvpe"):  # a re-exec would replace the test process itself
+        monkeypatch.setattr(os, name, forbidden)
     monkeypatch.setattr(transformers.Trainer, "train", forbidden)
     yield
     assert list(tmp_path.iterdir()) == []
