@@ -27,6 +27,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, EsmForMaskedLM, E
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.esm.modeling_esm import EsmLMHead
 
@@ -330,6 +332,34 @@ class SepitOriginalMaskedResidueHead(nn.Module):
         return self.decoder(self.layer_norm(self.act(self.dense(hidden_states))))
 
 
+class SepitLogitScaleToVector(ConversionOps):
+    """Loads `logit_scale` as shape (1,) whether the folder holds it 0-d (written before it became 1-d) or 1-d; its own
+    reverse, so folders are saved 1-d."""
+
+    @torch.no_grad()
+    def convert(
+        self,
+        input_dict: dict[str, list[torch.Tensor]],
+        source_patterns: list[str],
+        target_patterns: list[str],
+        **kwargs,
+    ) -> dict[str, torch.Tensor]:
+        tensors = next(iter(input_dict.values()))
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+def _logit_scale_to_vector(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: a 0-d `logit_scale` (saved before it became 1-d) loads as shape (1,)."""
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class SepitForProteinPretraining(SepitPreTrainedModel):
     """SEPIT stage 0: warms up the structure-aware encoder with contrastive, denoising and masked-residue losses.
 
@@ -349,7 +379,11 @@ class SepitForProteinPretraining(SepitPreTrainedModel):
         self.caption_projection = SepitContrastiveProjection(
             config.text_encoder_config.hidden_size, config.projection_dim
         )
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # Shape (1,), not 0-d: FSDP2 cannot shard and DeepSpeed cannot broadcast scalar parameters. Older folders and
+        # checkpoints hold a 0-d one: `SepitLogitScaleToVector` reshapes it in `from_pretrained`, the hook below in
+        # `load_state_dict` (the Trainer's resume).
+        self.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init_value))
+        self.register_load_state_dict_pre_hook(_logit_scale_to_vector)
         self.position_head = SepitPositionHead(config)
         if config.masked_residue_head_type == "original":
             self.masked_residue_head = SepitOriginalMaskedResidueHead(config)
@@ -364,6 +398,13 @@ class SepitForProteinPretraining(SepitPreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, SepitForProteinPretraining):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """ESM-2's residue embeddings, the only token embeddings trained here (the caption encoder is frozen)."""
+        return self.model.protein_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.protein_model.embeddings.word_embeddings = value
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "SepitForProteinPretraining | tuple":
@@ -582,8 +623,15 @@ class SepitForProteinPretraining(SepitPreTrainedModel):
             module.to_empty(device=device)
             module.apply(model._init_weights)
             module.to(dtype)
-        model.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value, device=device, dtype=dtype))
+        model.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init_value, device=device, dtype=dtype))
         return model.eval()
+
+
+register_checkpoint_conversion_mapping(
+    SepitForProteinPretraining.__name__,
+    [WeightConverter("logit_scale", "logit_scale", operations=[SepitLogitScaleToVector()])],
+    overwrite=True,  # a reload of this module registers it again
+)
 
 
 def _validate_captions(
@@ -756,6 +804,7 @@ def load_pretrained_encoder(
 __all__ = [
     "MASKED_RESIDUE_HEAD_TYPES",
     "SepitForProteinPretraining",
+    "SepitLogitScaleToVector",
     "SepitOriginalMaskedResidueHead",
     "SepitPositionHead",
     "SepitPretrainingCollator",

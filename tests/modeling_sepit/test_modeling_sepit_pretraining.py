@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, BertTokenizer, EsmForMaskedLM, EsmModel, LlamaConfig, LlamaForCausalLM
 
 from modeling_sepit import SepitForConditionalGeneration
@@ -313,6 +314,35 @@ def test_stage1_model_loads_the_warmed_up_encoder(short_batch, tmp_path):
         load_pretrained_encoder(SepitForConditionalGeneration(tiny_config()).model, tmp_path)  # a SepitModel
 
 
+def test_a_folder_saved_with_a_0d_logit_scale_loads_with_the_same_outputs(short_batch, tmp_path):
+    """Folders written before `logit_scale` became 1-d (FSDP2 and DeepSpeed refuse 0-d parameters) hold it 0-d: it
+    loads as shape (1,) with its value, with `from_pretrained` and `load_state_dict`, the model computes what the saved
+    one did, and saving again writes it 1-d."""
+    model = make_model().eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.1)  # not the initial value, which a parameter left unloaded would also have
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    assert weights["logit_scale"].shape == (1,)
+    weights["logit_scale"] = weights["logit_scale"].reshape(()).clone()
+    save_file(weights, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = SepitForProteinPretraining.from_pretrained(tmp_path / "old").eval()
+    assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.requires_grad
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    corruption = fixed_corruption(short_batch)
+    with torch.no_grad():
+        expected, actual = (candidate(**short_batch, **corruption) for candidate in (model, loaded))
+    for name in ("loss", *LOSSES, "logits_per_protein"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=0, rtol=0, msg=name)
+    loaded.save_pretrained(tmp_path / "new")
+    assert load_file(tmp_path / "new" / "model.safetensors")["logit_scale"].shape == (1,)
+    resumed = make_model()  # the Trainer resumes a checkpoint with `load_state_dict`
+    resumed.load_state_dict(weights)
+    torch.testing.assert_close(resumed.logit_scale, torch.tensor([3.1]), atol=0, rtol=0)
+
+
 def test_from_pretrained_parts_reuses_the_esm_masked_lm_head(short_batch, tmp_path):
     torch.manual_seed(0)
     masked_lm = EsmForMaskedLM(tiny_config().protein_config)
@@ -331,7 +361,7 @@ def test_from_pretrained_parts_reuses_the_esm_masked_lm_head(short_batch, tmp_pa
     assert model.masked_residue_head.decoder.weight.data_ptr() != embeddings.data_ptr()
     assert not any(p.is_meta for p in model.parameters())
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
-    torch.testing.assert_close(model.logit_scale, torch.tensor(model.config.logit_scale_init_value))
+    torch.testing.assert_close(model.logit_scale, torch.tensor([model.config.logit_scale_init_value]))
     out = model(**short_batch)
     assert all(torch.isfinite(getattr(out, name)) for name in ("loss", *LOSSES))
 
