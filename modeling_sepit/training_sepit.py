@@ -503,9 +503,9 @@ def configure_sft(training_args: SFTConfig, model: nn.Module) -> None:
 DEFAULT_SHUFFLE_BUFFER_SIZE = 10_000
 # The training scripts' `streaming` and `shuffle_buffer_size` arguments.
 STREAMING_HELP = (
-    "Read the dataset's Parquet files as training goes (an IterableDataset) instead of loading them whole: memory "
-    "stays bounded on datasets of any size. Rows come in the files' order (train_sampling_strategy: sequential) or "
-    "shuffled in a buffer (random); group_by_length is refused."
+    "Read the dataset's Parquet files as training goes (an IterableDataset) instead of converting them to an Arrow "
+    "copy first. Rows come in the files' order (train_sampling_strategy: sequential) or shuffled in a buffer "
+    "(random); group_by_length is refused. Memory is not bounded yet (benchmarks/README.md)."
 )
 SHUFFLE_BUFFER_HELP = "With streaming and random sampling: rows held in memory to shuffle (the approximation's window)."
 
@@ -593,8 +593,8 @@ def load_training_splits(
     """The training split (its first `max_train_samples` rows when given) and, when `with_eval`, the evaluation split
     of a SEPIT dataset; a missing split is a ValueError naming it and the splits there are.
 
-    `streaming`: both splits are read from their Parquet files as the Trainer goes (`SizedIterableDataset`; memory
-    bounded by `shuffle_buffer_size` rows), the training split shuffled in a buffer with `shuffle_seed` (None: in the
+    `streaming`: both splits are read from their Parquet files as the Trainer goes (`SizedIterableDataset`; the
+    shuffle holds `shuffle_buffer_size` rows), the training split shuffled in a buffer with `shuffle_seed` (None: in the
     files' order, the in-memory split's order under `train_sampling_strategy: sequential`), and cut to a multiple of
     `whole_batches_of` rows when given (`streaming_options` sets these from the Trainer's arguments)."""
     if not streaming:
