@@ -321,6 +321,8 @@ class ProteinHandler(BaseHTTPRequestHandler):
 
 class ProteinServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: more clients connecting at once would be reset before a thread takes them.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], front: ProteinFront):
         super().__init__(address, ProteinHandler)
