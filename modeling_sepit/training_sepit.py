@@ -531,12 +531,13 @@ class SizedIterableDataset(IterableDataset):
         return 1
 
 
-def parquet_rows(files: Iterable[str]) -> int:
-    """Rows in `files`, read from their Parquet footers only (local paths or fsspec URLs such as `hf://`)."""
+def parquet_row_groups(files: Iterable[str]) -> list[tuple[str, int, int]]:
+    """(file, row group, rows) of each row group in `files`, read from their Parquet footers only (local paths or fsspec
+    URLs such as `hf://`)."""
     import fsspec
     import pyarrow.parquet as pq
 
-    total = 0
+    groups = []
     for file in files:
         if not str(file).endswith(".parquet"):
             raise ValueError(
@@ -544,8 +545,21 @@ def parquet_rows(files: Iterable[str]) -> int:
                 "dataset_card.build_dataset writes); leave streaming off to load this dataset into memory"
             )
         with fsspec.open(file, "rb") as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
+            metadata = pq.ParquetFile(handle).metadata
+        groups += [(str(file), group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)]
+    return groups
+
+
+def read_row_groups(pieces: Sequence[tuple[str, int]]) -> Iterator[dict]:
+    """The rows of Parquet row groups as dicts, one group at a time and without pre-buffering, so memory stays at one
+    group's. datasets' own streamed Parquet reader (`as_streaming_dataset`, datasets 5.2 / pyarrow 26) kept Arrow memory
+    growing with every row read (benchmarks/README.md, streaming section); this reader stays flat."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    for file, group in pieces:
+        with fsspec.open(file, "rb") as handle:
+            yield from pq.ParquetFile(handle, pre_buffer=False).read_row_group(group).to_pylist()
 
 
 def streaming_options(training_args: TrainingArguments, streaming: bool, shuffle_buffer_size: int) -> dict:
@@ -616,8 +630,15 @@ def load_training_splits(
         return train_dataset, dataset[test_split] if with_eval else None
 
     def stream(split: str, limit: int | None, seed: int | None, cut_to: int | None) -> SizedIterableDataset:
-        rows = parquet_rows(builder.config.data_files[split])
-        streamed = builder.as_streaming_dataset(split=split)
+        groups = parquet_row_groups(builder.config.data_files[split])
+        rows = sum(count for _, _, count in groups)
+        # One shard per row group, as datasets' reader numbers them: a buffer shuffle also shuffles their order.
+        streamed = IterableDataset.from_generator(
+            read_row_groups,
+            features=builder.as_streaming_dataset(split=split).features,  # the card's, else the first footer's schema
+            gen_kwargs={"pieces": [(file, group) for file, group, _ in groups]},
+            split=split,
+        )
         if limit is not None and limit < rows:
             streamed, rows = streamed.take(limit), limit
         if seed is not None:
@@ -915,7 +936,8 @@ __all__ = [
     "whole_model_loading",
     "load_training_splits",
     "parameter_groups",
-    "parquet_rows",
+    "parquet_row_groups",
+    "read_row_groups",
     "save_loss_plot",
     "streaming_options",
 ]
