@@ -505,7 +505,7 @@ DEFAULT_SHUFFLE_BUFFER_SIZE = 10_000
 STREAMING_HELP = (
     "Read the dataset's Parquet files as training goes (an IterableDataset) instead of converting them to an Arrow "
     "copy first. Rows come in the files' order (train_sampling_strategy: sequential) or shuffled in a buffer "
-    "(random); group_by_length is refused. Memory is not bounded yet (benchmarks/README.md)."
+    "(random); group_by_length is refused. Memory stays at one row group plus the shuffle buffer."
 )
 SHUFFLE_BUFFER_HELP = "With streaming and random sampling: rows held in memory to shuffle (the approximation's window)."
 
