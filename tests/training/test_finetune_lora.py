@@ -285,4 +285,7 @@ def test_accelerate_configs_load_and_build_their_plugins(workspace, name, kind) 
             layer_classes = {
                 type(m).__name__ for m in SepitForConditionalGeneration.from_pretrained(workspace["base"]).modules()
             }
-            assert set(plugin.transformer_cls_names_to_wrap) == {"LlamaDecoderLayer", "EsmLayer"} <= layer_classes
+            # The MoE block is a unit of a stage-2 model; a dense model has none (the trainer skips absent classes).
+            wrapped = {"LlamaDecoderLayer", "EsmLayer", "SepitSparseMoeBlock"}
+            assert set(plugin.transformer_cls_names_to_wrap) == wrapped
+            assert wrapped - layer_classes == {"SepitSparseMoeBlock"}
