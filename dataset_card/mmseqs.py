@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -211,15 +212,18 @@ def cross_identity(
                 "--format-output",
                 "query,target,fident",
             )
-            # two passes over the file, not a list of every hit (57k test proteins x 300 hits at Swiss-Prot scale)
-            top = max((float(fident) for _, _, fident in _hits(folder / "hits.tsv")), default=0.0)
-            aligned = sum(1 for _ in _hits(folder / "hits.tsv"))
-            near = (
+            # one pass over the file, not a list of every hit (57k test proteins x 300 hits at Swiss-Prot scale): the
+            # `_REALIGN_MAX_PAIRS` best hits, the first of them the top one, and the count (`zip` stops the counter
+            # with the file)
+            counter = itertools.count()
+            rows = (
                 (float(fident), int(query), len(seeded[0]) + int(target))
-                for query, target, fident in _hits(folder / "hits.tsv")
-                if float(fident) >= top - SEARCH_MARGIN
+                for (query, target, fident), _ in zip(_hits(folder / "hits.tsv"), counter, strict=False)
             )
-            closest = [(query, target) for _, query, target in heapq.nlargest(_REALIGN_MAX_PAIRS, near)]
+            best_hits = heapq.nlargest(_REALIGN_MAX_PAIRS, rows)
+            aligned = next(counter)
+            top = best_hits[0][0] if best_hits else 0.0
+            closest = [(query, target) for fident, query, target in best_hits if fident >= top - SEARCH_MARGIN]
         if closest:
             best = max(pair_identities(seeded[0] + seeded[1], closest, threads))
     short = [[s for s in side if len(s) < MIN_SEEDED_LENGTH] for side in sides]
