@@ -159,11 +159,10 @@ class ProteinFront:
             raise RequestError(
                 f"max_tokens: an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_tokens!r}", "max_tokens"
             )
-        settings = {"max_tokens": max_tokens, "temperature": body.get("temperature", 0)}
-        if isinstance(settings["temperature"], bool) or not isinstance(settings["temperature"], int | float):
-            raise RequestError(f"temperature: a number >= 0, got {settings['temperature']!r}", "temperature")
-        if settings["temperature"] < 0:
-            raise RequestError(f"temperature: a number >= 0, got {settings['temperature']!r}", "temperature")
+        temperature = body.get("temperature", 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
+            raise RequestError(f"temperature: a number >= 0, got {temperature!r}", "temperature")
+        settings = {"max_tokens": max_tokens, "temperature": temperature}
         if "top_p" in body:
             top_p = body["top_p"]
             if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
