@@ -35,7 +35,6 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,8 +45,6 @@ import biotite.structure as struc
 import biotite.structure.io.pdb as pdb
 import biotite.structure.io.pdbx as pdbx
 import numpy as np
-import torch
-from accelerate import PartialState
 from Bio import SeqIO
 from datasets import Dataset, Features, Value
 from transformers import PreTrainedModel
@@ -56,14 +53,19 @@ from dataset_card.instructions import OPEN_ENDED, PROTEIN_TAG
 from dataset_card.structures import STRUCTURE_SUFFIXES, StructureIndex
 from dataset_card.uniprot_reader import ReadReport, iter_entries
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.atomic_folder import check_output_path, claim_output_folder
-from modeling_sepit.batch_generation import check_generation_settings, generate_in_batches, write_jsonl
+from modeling_sepit.atomic_folder import check_output_path
+from modeling_sepit.batch_generation import (
+    SHARDS,
+    check_generation_settings,
+    generate_in_batches,
+    start_sharded_run,
+    write_jsonl,
+)
 from modeling_sepit.cli_sepit import check_device, script_parser
 from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.structure_loading import check_sequence, file_kind, load_structure, read_structure_text
 
 WRITER = "annotate"
-SHARDS = "shards"
 # Function, subcellular location, GO terms (the dataset asks one question per GO aspect) and EC number.
 DEFAULT_QUESTIONS = ("function", "subcellular_location", "go_mf", "go_bp", "go_cc", "ec_number")
 QUESTION_TYPES = {kind.type: kind.templates[0] for kind in OPEN_ENDED}
@@ -397,18 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"annotate: skipped {problem.file} ({problem.entry}): {problem.reason}", file=sys.stderr)
         print(f"annotate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
-    state = PartialState(cpu=device.type == "cpu")  # joins the processes of accelerate launch / torchrun
-    if state.num_processes > 1 and device.type == state.device.type:
-        device = state.device  # each process its own GPU
     output_dir = Path(args.output_dir)
+    state, device = start_sharded_run(args.device, output_dir, WRITER, args.inputs, args.overwrite)
     if state.is_main_process:
         for problem in report.problems:
             print(f"annotate: skipped {problem.file} ({problem.entry}): {problem.reason}", file=sys.stderr)
-        claim_output_folder(output_dir, WRITER, args.inputs, args.overwrite)
-        if args.overwrite:
-            shutil.rmtree(output_dir / SHARDS, ignore_errors=True)
-    state.wait_for_everyone()
     try:
         rows = annotate(
             model.to(device),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .atomic_folder import claim_output_folder
 from .cli_sepit import check_dataset
 from .modeling_sepit import PROTEIN_INPUT_NAMES
 from .pipeline_protein_qa import MAX_NEW_TOKENS_LIMIT
@@ -49,6 +51,27 @@ Request = tuple[list[dict], list]
 QUESTION_COLUMNS = ("accession", "sequence", "type", "question", "answer", "structure_source")
 SETTINGS_FILE = "settings.json"
 WINDOW_COLUMN = "__window__"  # the number `generate_streamed` gives each window of a stream
+
+
+# The folder of a run's answered batches, below its output folder (what a rerun resumes from).
+SHARDS = "shards"
+
+
+def start_sharded_run(
+    device_name: str, output_dir: Path, writer: str, inputs: Sequence, overwrite: bool
+) -> tuple[PartialState, torch.device]:
+    """The processes of a resumable generation run joined (accelerate launch / torchrun), each on its device, and the
+    output folder claimed by the main process (its shards cleared with `overwrite`) before any process writes one."""
+    device = torch.device(device_name)
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1 and device.type == state.device.type:
+        device = state.device  # each process its own GPU
+    if state.is_main_process:
+        claim_output_folder(output_dir, writer, inputs, overwrite)
+        if overwrite:
+            shutil.rmtree(output_dir / SHARDS, ignore_errors=True)
+    state.wait_for_everyone()
+    return state, device
 
 
 def check_generation_settings(max_samples: int | None, batch_size: int, max_new_tokens: int) -> None:

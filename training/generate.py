@@ -22,24 +22,23 @@ again. Resuming after a kill works the same way.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
 from datasets import IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.atomic_folder import check_output_path, claim_output_folder
+from modeling_sepit.atomic_folder import check_output_path
 from modeling_sepit.batch_generation import (
+    SHARDS,
     check_generation_settings,
     generate_streamed,
     original_records,
     prediction_records,
     question_rows,
+    start_sharded_run,
     write_jsonl,
 )
 from modeling_sepit.cli_sepit import check_device, script_parser
@@ -48,7 +47,6 @@ from modeling_sepit.hub_sepit import require_local_or_cached
 from modeling_sepit.pure_llm import load_pure_llm
 
 WRITER = "generate"
-SHARDS = "shards"
 
 
 @dataclass
@@ -156,16 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # arguments, model or dataset
         print(f"generate: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
-    state = PartialState(cpu=device.type == "cpu")  # joins the processes of accelerate launch / torchrun
-    if state.num_processes > 1 and device.type == state.device.type:
-        device = state.device  # each process its own GPU
     output_dir = Path(args.output_dir)
-    if state.is_main_process:
-        claim_output_folder(output_dir, WRITER, args.inputs, args.overwrite)
-        if args.overwrite:
-            shutil.rmtree(output_dir / SHARDS, ignore_errors=True)
-    state.wait_for_everyone()
+    state, device = start_sharded_run(args.device, output_dir, WRITER, args.inputs, args.overwrite)
     try:
         if args.streaming:
             answers = _generate_streamed(args, model.to(device), processor, rows, output_dir / SHARDS)
