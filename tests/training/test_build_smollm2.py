@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer, EsmConfig, EsmForMaskedLM, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, EsmForMaskedLM, pipeline
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.processing_sepit import SepitDataCollator
-from tests.conftest import ORIGINAL, ROOT, run_command_line
+from tests.conftest import ROOT, run_command_line
+
+sys.path.insert(0, str(ROOT / "training"))
+from build_geometry_parts import PROTEIN_TOKENIZER, protein_config  # noqa: E402
 
 # A module object (not runpy's copy of its globals), so that tests can patch its functions.
 spec = importlib.util.spec_from_file_location("training_build_smollm2", ROOT / "training" / "build_smollm2.py")
@@ -38,24 +41,12 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="module")
 def esm_8m(tmp_path_factory) -> Path:
-    """A random ESM-2 with facebook/esm2_t6_8M_UR50D's geometry (6 layers, 320 wide, 20 heads), with ESM's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(ORIGINAL / "original-tiny-dense" / "protein_tokenizer")
-    config = EsmConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=320,
-        num_hidden_layers=6,
-        num_attention_heads=20,
-        intermediate_size=1280,
-        max_position_embeddings=1026,
-        position_embedding_type="rotary",
-        token_dropout=True,
-        emb_layer_norm_before=False,
-        mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    """A random ESM-2 with facebook/esm2_t6_8M_UR50D's geometry (build_geometry_parts' `esm2_8m`), with ESM's
+    tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(PROTEIN_TOKENIZER)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("esm") / "esm2_8m_random"
-    EsmForMaskedLM(config).save_pretrained(folder)
+    EsmForMaskedLM(protein_config("esm2_8m", tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
