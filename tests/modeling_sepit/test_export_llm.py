@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import modeling_utils
 from transformers import AutoModelForCausalLM
 
 root, new_tokens = Path(sys.argv[1]), int(sys.argv[2])
