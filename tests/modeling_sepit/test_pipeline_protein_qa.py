@@ -249,6 +249,25 @@ def test_peft_adapter_folder_answers_like_the_merged_model(qa, tiny_folder, tmp_
     assert answers(qa(requests_, max_new_tokens=6)) != expected  # the adapters were loaded
 
 
+def test_bf16_by_dtype_argument_or_saved_checkpoint_answers_as_the_bf16_model(tiny_folder, tmp_path, requests_):
+    """bf16 weights the transformers way (benchmarks/README.md: 2.7x on a CPU prompt pass with AMX): `dtype=` to
+    pipeline(), or a checkpoint saved in bf16 loaded with the default `dtype="auto"`; coordinates and structure files
+    go through the bf16 structure module; `dtype=torch.float32` still gives fp32 from a bf16 checkpoint."""
+    model = SepitForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.bfloat16).eval()
+    processor = SepitProcessor.from_pretrained(tiny_folder)
+    expected = [direct_answers(model, processor, request, max_new_tokens=6) for request in requests_]
+    by_argument = protein_qa(tiny_folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in by_argument.model.parameters()} == {torch.bfloat16}
+    assert answers(by_argument(requests_, batch_size=2, max_new_tokens=6)) == expected
+
+    model.save_pretrained(tmp_path / "bf16")
+    processor.save_pretrained(tmp_path / "bf16")
+    saved = protein_qa(tmp_path / "bf16")
+    assert {p.dtype for p in saved.model.parameters()} == {torch.bfloat16}
+    assert answers(saved(requests_, max_new_tokens=6)) == expected
+    assert protein_qa(tmp_path / "bf16", dtype=torch.float32).model.dtype == torch.float32
+
+
 def test_a_folder_without_processor_says_so(tiny, tmp_path):
     model, _ = tiny
     model.save_pretrained(tmp_path / "weights-only")
