@@ -199,6 +199,8 @@ def run(args: argparse.Namespace) -> None:
     )
     processor, original_processor, model = stage_model(args)
     systems = recipe_batches(rows, processor, original_processor, args.batch_size)
+    if args.no_grouped:
+        systems.pop("ours, length-grouped batches", None)
     batches = len(systems[ORIGINAL])
     if not all(0 <= index < batches for index in args.batch_indices):
         raise ValueError(f"batch_indices: {args.batch_indices} outside the epoch's batches 0 to {batches - 1}")
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="Times each batch is run by each system.")
     parser.add_argument("--step", choices=["adamw", "backward"], default="adamw")
     parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument(
+        "--no_grouped", action="store_true", help="Leave out ours in length-grouped batches (a shorter run)."
+    )
     parser.add_argument("--table_only", action="store_true", help="Print the table of --record and run nothing.")
     args = parser.parse_args(argv)
     try:
