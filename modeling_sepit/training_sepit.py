@@ -28,7 +28,14 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, To
 from datasets import Dataset, IterableDataset, load_dataset, load_dataset_builder
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from transformers import BatchEncoding, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.integrations.deepspeed import (
     is_deepspeed_zero3_enabled,
     set_hf_deepspeed_config,
@@ -463,6 +470,43 @@ def configure_sft(training_args: SFTConfig, model: nn.Module) -> None:
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     if model.config.text_config.num_experts is None:
         training_args.router_aux_loss_coef = 0.0
+
+
+def take_chat_template_path(training_args: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """TRL's `chat_template_path`, with TRL's meaning (a `.jinja`/`.j2` file, or a tokenizer folder or Hub id whose
+    template to use: the LLM's own, e.g. SmolLM2's ChatML), read here and cleared from `training_args`: `SFTTrainer`
+    would clone the source tokenizer's special tokens into the processing class, which a `SepitProcessor` cannot
+    take, so the special tokens the template writes must already be `tokenizer`'s. None when the option is unset."""
+    path = training_args.chat_template_path
+    if path is None:
+        return None
+    if os.path.isfile(path) and path.endswith((".jinja", ".j2")):
+        template = Path(path).read_text(encoding="utf-8")
+    else:
+        try:
+            source = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"chat_template_path: {path} is neither a .jinja/.j2 file nor a tokenizer folder or Hub id ({error})"
+            ) from error
+        template = source.chat_template
+        if not isinstance(template, str):
+            raise ValueError(f"chat_template_path: {path}'s tokenizer has no single chat template; give a .jinja file")
+        known = (None, tokenizer.unk_token_id)
+        missing = sorted(
+            token.content
+            for token in source.added_tokens_decoder.values()
+            if token.special and token.content in template and tokenizer.convert_tokens_to_ids(token.content) in known
+        )
+        if missing:
+            raise ValueError(
+                f"chat_template_path: {path}'s template writes {missing}, which the LLM's tokenizer lacks; take the "
+                "template of the LLM's own tokenizer, or a .jinja file written with its tokens"
+            )
+    if not template.strip():
+        raise ValueError(f"chat_template_path: {path} holds an empty template")
+    training_args.chat_template_path = None
+    return template
 
 
 # Rows a streamed training split holds in memory to shuffle (`IterableDataset.shuffle`): an approximate shuffle whose
@@ -909,4 +953,5 @@ __all__ = [
     "read_row_groups",
     "save_loss_plot",
     "streaming_options",
+    "take_chat_template_path",
 ]

@@ -49,10 +49,19 @@ class TinyPartsArguments:
     num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers of the LLM."})
     protein_hidden_size: int = field(default=64, metadata={"help": "Hidden size of the ESM encoder."})
     protein_layers: int = field(default=3, metadata={"help": "Layers of the ESM encoder."})
+    protein_heads: int = field(default=4, metadata={"help": "Attention heads of the ESM encoder."})
+    protein_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Feed-forward width of the ESM encoder (default: 2 x its hidden size)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the random initialisations."})
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir even if it holds other files."})
 
     def __post_init__(self) -> None:
+        if self.protein_heads < 1 or self.protein_hidden_size % self.protein_heads:
+            raise ValueError(
+                f"protein_heads: {self.protein_heads} does not divide protein_hidden_size={self.protein_hidden_size}; "
+                "give a head count that divides it (ESM-2 8M: 20 heads of 16)"
+            )
         check_output_path(self.output_dir, WRITER, [self.dataset_dir], self.overwrite)  # before training a tokenizer
 
 
@@ -86,8 +95,8 @@ def build_tiny_parts(args: TinyPartsArguments) -> Path:
         vocab_size=len(protein_tokenizer),
         hidden_size=args.protein_hidden_size,
         num_hidden_layers=args.protein_layers,
-        num_attention_heads=4,
-        intermediate_size=2 * args.protein_hidden_size,
+        num_attention_heads=args.protein_heads,
+        intermediate_size=args.protein_intermediate_size or 2 * args.protein_hidden_size,
         max_position_embeddings=1026,
         position_embedding_type="rotary",
         token_dropout=True,

@@ -43,6 +43,7 @@ from modeling_sepit.training_sepit import (
     mega_batch_steps,
     save_loss_plot,
     streaming_options,
+    take_chat_template_path,
 )
 
 WRITER = "pure_llm"
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(script_args.language_model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(script_args.language_model_name_or_path, dtype=script_args.dtype)
         prepare_pure_llm(model, tokenizer, script_args.max_protein_length)
+        template = take_chat_template_path(training_args, tokenizer)
+        if template is not None:
+            tokenizer.chat_template = template
         collator = SequenceAsTextCollator(tokenizer, script_args.max_protein_length, training_args.max_length)
         # The collator reads the dataset's rows itself, as SEPIT's does (sft.py's configure_sft).
         training_args.remove_unused_columns = False

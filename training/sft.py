@@ -50,6 +50,7 @@ from modeling_sepit.training_sepit import (
     parameter_counts,
     save_loss_plot,
     streaming_options,
+    take_chat_template_path,
     whole_model_loading,
 )
 
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(training_args.seed)
         with whole_model_loading(training_args):
             model, processor = load_model_and_processor(script_args, training_args.router_aux_loss_coef)
+        template = take_chat_template_path(training_args, processor.tokenizer)
+        if template is not None:
+            processor.chat_template = template
         configure_sft(training_args, model)
         train_dataset, eval_dataset = load_training_splits(
             script_args.dataset_name,

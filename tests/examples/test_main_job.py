@@ -15,6 +15,7 @@ from modeling_sepit.evaluation_sepit import PURE_LLM, SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[2]
 main_job = runpy.run_path(str(ROOT / "examples" / "main_job.py"))
+PROTEIN_GEOMETRIES = runpy.run_path(str(ROOT / "training" / "build_geometry_parts.py"))["PROTEIN_GEOMETRIES"]
 
 
 def test_main_job_builds_trains_evaluates_publishes_and_reloads(tmp_path, capfd) -> None:
@@ -74,13 +75,17 @@ def test_preset_smollm2_trains_smollm2_with_its_recipes(tmp_path, monkeypatch, c
     assert capsys.readouterr().err.strip() == "main_job: error: stage 1 recorded"
     _, _, parts, smollm2, stage0, stage1 = commands  # dataset, InstructProtein sets, parts, SmolLM2, stages 0 and 1
     assert parts[1] == "training/build_tiny_parts.py"
-    assert "--protein_hidden_size 320 --protein_layers 6" in " ".join(parts)  # ESM-2 8M's width and depth
+    geometry = dict(zip(parts[2::2], parts[3::2], strict=True))  # ESM-2 8M's (build_geometry_parts' esm2_8m)
+    assert [int(geometry[f"--protein_{name}"]) for name in ("layers", "hidden_size", "heads", "intermediate_size")] == [
+        *PROTEIN_GEOMETRIES["esm2_8m"]
+    ]
     assert smollm2[1:] == ["training/build_smollm2.py", "--output_dir", str(output / "smollm2")]
     recipes = ROOT / "training" / "recipes" / "smollm2"
     assert stage0[stage0.index("--config") + 1] == str(recipes / "stage0.yaml")
     assert stage1[stage1.index("--config") + 1] == str(recipes / "stage1.yaml")
     assert stage1[stage1.index("--language_model_name_or_path") + 1] == str(output / "smollm2")
     assert stage1[stage1.index("--protein_model_name_or_path") + 1] == str(output / "parts" / "protein_model")
+    assert stage1[stage1.index("--chat_template_path") + 1] == str(output / "smollm2")  # SmolLM2's own ChatML
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from modeling_sepit.training_sepit import (
     parameter_counts,
     parameter_groups,
     save_loss_plot,
+    take_chat_template_path,
 )
 from tests.conftest import tiny_config
 
@@ -314,3 +315,48 @@ def test_sequence_as_text_collator_lengths_and_refusals(pure_tokenizer, tiny_par
         collator([{"messages": QUESTION[:1], "sequence": "MKT"}])
     with pytest.raises(ValueError, match="no <bop>/<eop> tokens; prepare it with prepare_pure_llm"):
         SequenceAsTextCollator(AutoTokenizer.from_pretrained(tiny_parts / "language_model"))
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ message['content'] }}"
+    "<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chatml_tokenizer(tiny_parts, tmp_path):
+    """(folder, tokenizer) of a ChatML tokenizer: the tiny parts' BPE with <|im_start|>/<|im_end|> as special tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_parts / "language_model")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(tmp_path / "chatml")
+    return tmp_path / "chatml", tokenizer
+
+
+def test_chat_template_path_takes_a_tokenizers_template_and_clears_the_option(chatml_tokenizer) -> None:
+    folder, tokenizer = chatml_tokenizer
+    args = SimpleNamespace(chat_template_path=str(folder))
+    assert take_chat_template_path(args, tokenizer) == CHATML
+    assert args.chat_template_path is None  # SFTTrainer would otherwise clone tokens into the processor
+    assert take_chat_template_path(args, tokenizer) is None
+
+
+def test_chat_template_path_reads_a_jinja_file(tmp_path, chatml_tokenizer) -> None:
+    (tmp_path / "template.jinja").write_text(CHATML, encoding="utf-8")
+    args = SimpleNamespace(chat_template_path=str(tmp_path / "template.jinja"))
+    assert take_chat_template_path(args, chatml_tokenizer[1]) == CHATML
+
+
+def test_chat_template_path_refuses_what_the_llms_tokenizer_cannot_write(
+    tiny_parts, tmp_path, chatml_tokenizer
+) -> None:
+    folder, _ = chatml_tokenizer
+    plain = AutoTokenizer.from_pretrained(tiny_parts / "language_model")  # no <|im_start|>, no chat template
+    with pytest.raises(ValueError, match=r"chat_template_path: .*writes \['<\|im_end\|>', '<\|im_start\|>'\]"):
+        take_chat_template_path(SimpleNamespace(chat_template_path=str(folder)), plain)
+    plain.save_pretrained(tmp_path / "no-template")
+    with pytest.raises(ValueError, match="chat_template_path: .* has no single chat template"):
+        take_chat_template_path(SimpleNamespace(chat_template_path=str(tmp_path / "no-template")), plain)
+    with pytest.raises(ValueError, match="chat_template_path: .* is neither a .jinja/.j2 file nor a tokenizer"):
+        take_chat_template_path(SimpleNamespace(chat_template_path=str(tmp_path / "missing")), plain)

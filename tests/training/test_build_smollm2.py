@@ -8,12 +8,14 @@ import importlib.util
 import json
 import logging
 import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import load_dataset
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer, EsmForMaskedLM, pipeline
 
@@ -254,3 +256,35 @@ def test_from_pretrained_parts_saves_reloads_generates_and_answers_in_the_pipeli
     assert result["answer"] == reprocessor.decode(greedy(reloaded, expected, 4)[0], skip_special_tokens=True).strip()
     (chat,) = qa(CAPITAL, max_new_tokens=12)
     assert chat["answer"] == "The capital of France is Paris."
+
+
+def test_stage1_and_pure_llm_train_smollm2_with_its_own_template(smollm2, esm_8m, demo_dataset, tmp_path) -> None:
+    """`--chat_template_path <the LLM's folder>` (TRL's option, as the smollm2 preset passes it): one step of stage 1
+    and of the PureLLM baseline on SmolLM2 keep its ChatML template, and stage 1's labels are the ChatML replies."""
+    recipes = ROOT / "training" / "recipes" / "smollm2"
+    common = ["--dataset_name", str(demo_dataset), "--max_steps", "1", "--max_train_samples", "2"]
+    common += ["--max_protein_length", "32", "--gradient_accumulation_steps", "1", "--chat_template_path", str(smollm2)]
+    stage1 = ["--config", str(recipes / "stage1.yaml"), "--protein_model_name_or_path", str(esm_8m)]
+    stage1 += ["--language_model_name_or_path", str(smollm2), "--encoder_warmup_dir", ""]
+    assert (
+        runpy.run_path(str(ROOT / "training" / "sft.py"))["main"](
+            [*stage1, *common, "--output_dir", str(tmp_path / "s1")]
+        )
+        == 0
+    )
+    template = AutoTokenizer.from_pretrained(smollm2).chat_template
+    trained = SepitProcessor.from_pretrained(tmp_path / "s1")
+    assert trained.chat_template == template
+    row = load_dataset(str(demo_dataset), "captions", split="train")[0]
+    labels = SepitDataCollator(trained, structure_dropout=0.0, seed=0)([row])["labels"][0]
+    answer = row["messages"][-1]["content"]
+    assert trained.tokenizer.decode(labels[labels != -100]) == f"{answer}<|im_end|>"
+
+    pure = ["--config", str(recipes / "pure_llm.yaml"), "--language_model_name_or_path", str(smollm2)]
+    assert (
+        runpy.run_path(str(ROOT / "training" / "pure_llm.py"))["main"](
+            [*pure, *common, "--output_dir", str(tmp_path / "p")]
+        )
+        == 0
+    )
+    assert AutoTokenizer.from_pretrained(tmp_path / "p").chat_template == template
