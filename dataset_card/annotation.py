@@ -25,6 +25,14 @@ process); resumable: each process appends its answers to `<output_dir>/shards/`,
 a kill continues where it stopped (other settings are refused; `--overwrite` starts over). Writes
 `<output_dir>/annotations.parquet` and `annotations.csv` (protein_id, source, sequence_length, structure_used,
 structure_source, question_type, question, answer; proteins in input order, questions in the order given).
+
+On vLLM: `--server http://127.0.0.1:8000` names a running `sepit-serve` (modeling_sepit/serving.py) of the same
+model, which then answers instead of this process: each (protein, question) is one of its requests (a question with a
+`{"sequence", "coords", "coords_mask"}` protein, greedy, `max_tokens` = `--max_new_tokens`), `--batch_size` proteins'
+worth of them in flight at once, which vLLM batches continuously. The table is the same; answers are appended to the
+shards as they arrive, so a rerun resumes the same way. A request the server refuses (HTTP 400, e.g. a prompt longer
+than its `--max-model-len`) is reported with the server's reason and its protein skipped; a server that cannot be
+reached, or fails otherwise, stops the run with one line (exit 2 before any request, 1 after: rerun to resume).
 """
 
 from __future__ import annotations
@@ -36,8 +44,13 @@ import json
 import os
 import re
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TextIO
 
@@ -45,19 +58,23 @@ import biotite.structure as struc
 import biotite.structure.io.pdb as pdb
 import biotite.structure.io.pdbx as pdbx
 import numpy as np
+from accelerate import PartialState
 from Bio import SeqIO
 from datasets import Dataset, Features, Value
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dataset_card.instructions import OPEN_ENDED, PROTEIN_TAG
 from dataset_card.structures import STRUCTURE_SUFFIXES, StructureIndex
 from dataset_card.uniprot_reader import ReadReport, iter_entries
-from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+from modeling_sepit import SepitConfig, SepitForConditionalGeneration, SepitProcessor
 from modeling_sepit.atomic_folder import check_output_path
 from modeling_sepit.batch_generation import (
     SHARDS,
+    append_answers,
     check_generation_settings,
     generate_in_batches,
+    open_shards,
     start_sharded_run,
     write_jsonl,
 )
@@ -82,6 +99,7 @@ FEATURES = Features(
     }
 )
 _UNIPROT_HEADER = re.compile(r"^(?:sp|tr)\|([^|]+)\|")
+SERVER_TIMEOUT = 3600  # seconds one answer may take on the server: what sepit-serve allows vLLM
 
 
 @dataclass(frozen=True, eq=False)
@@ -289,34 +307,190 @@ def annotate(
         for question in questions.values():
             requests.append(([{"role": "user", "content": question}], [given]))
             sort_keys.append((len(protein.sequence), number))
-    answers = iter(
-        generate_in_batches(
-            model,
-            processor,
-            requests,
-            sort_keys,
-            batch_size * len(questions),
-            max_new_tokens,
-            shard_dir=shard_dir,
-            settings={**(settings or {}), "proteins_sha256": _digest(proteins)},
-            progress=progress,
-            description=f"annotating {len(proteins)} proteins",
-        )
+    answers = generate_in_batches(
+        model,
+        processor,
+        requests,
+        sort_keys,
+        batch_size * len(questions),
+        max_new_tokens,
+        shard_dir=shard_dir,
+        settings={**(settings or {}), "proteins_sha256": _digest(proteins)},
+        progress=progress,
+        description=f"annotating {len(proteins)} proteins",
     )
-    return [
-        {
-            "protein_id": protein.id,
-            "source": protein.source,
-            "sequence_length": len(protein.sequence),
-            "structure_used": structure_used and protein.coords is not None,
-            "structure_source": protein.structure_source,
-            "question_type": name,
-            "question": question,
-            "answer": next(answers),
+    return _rows(proteins, questions, answers, structure_used)
+
+
+def _rows(
+    proteins: Sequence[Protein], questions: Mapping[str, str], answers: Sequence[str | None], structure_used: bool
+) -> list[dict]:
+    """The table: one row per (protein, question), `answers` in that order; a protein with an answer missing (None:
+    the server refused it) is left out whole."""
+    rows, answer = [], iter(answers)
+    for protein in proteins:
+        own = [next(answer) for _ in questions]
+        if None in own:
+            continue
+        rows += [
+            {
+                "protein_id": protein.id,
+                "source": protein.source,
+                "sequence_length": len(protein.sequence),
+                "structure_used": structure_used and protein.coords is not None,
+                "structure_source": protein.structure_source,
+                "question_type": name,
+                "question": question,
+                "answer": text,
+            }
+            for (name, question), text in zip(questions.items(), own, strict=True)
+        ]
+    return rows
+
+
+class ServerError(RuntimeError):
+    """The server failed, not the request (unreachable, 5xx, no chat.completion): the run stops, its answers kept."""
+
+
+class RequestRejected(Exception):
+    """The server refused one request (HTTP 400), with its reason."""
+
+
+def check_server(url: str) -> str:
+    """The base URL of a running sepit-serve (`url` without a final `/`): a ValueError naming `server` when the URL is
+    not one, nothing answers there, or what answers is not sepit-serve (vLLM's own server answers /health with an
+    empty body)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - a port out of range or not a number is a ValueError here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"server: the base URL of a running sepit-serve, e.g. http://127.0.0.1:8000, got {url!r}")
+    base = url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+            data = response.read()
+    except OSError as error:
+        reason = getattr(error, "reason", error)
+        raise ValueError(f"server: nothing answers at {base} ({reason}); start sepit-serve there first") from None
+    try:
+        status = json.loads(data).get("status")
+    except (ValueError, AttributeError):
+        status = None
+    if status != "ok":
+        raise ValueError(
+            f'server: {base}/health answered {data[:80]!r}, not sepit-serve\'s {{"status": "ok"}}; give the URL '
+            "sepit-serve printed (not its vLLM child's)"
+        )
+    return base
+
+
+def server_request(protein: Protein, question: str, max_new_tokens: int) -> dict:
+    """sepit-serve's request (README "Serving with vLLM") asking `question` about `protein`, greedy as the transformers
+    path; coordinates the structure lacks are sent as 0 with `coords_mask` False, as the processor stores them."""
+    given: dict = {"sequence": protein.sequence}
+    if protein.coords is not None:
+        mask = protein.coords_mask
+        given.update(coords=np.where(mask[:, None], protein.coords, 0.0).tolist(), coords_mask=mask.tolist())
+    return {"question": question, "protein": given, "max_tokens": max_new_tokens, "temperature": 0}
+
+
+def ask_server(url: str, protein: Protein, question: str, max_new_tokens: int) -> list[int]:
+    """The answer's token ids from sepit-serve at `url` to `question` about `protein`: RequestRejected with the
+    server's reason for a 400, ServerError for any other failure. The request is made here, in the thread that sends
+    it, so that only the requests in flight are held in memory."""
+    body = server_request(protein, question, max_new_tokens)
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=SERVER_TIMEOUT) as response:
+            data = response.read()
+    except urllib.error.HTTPError as error:
+        text = error.read().decode("utf-8", "replace")
+        try:
+            message = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = text[:300]
+        if error.code == HTTPStatus.BAD_REQUEST:
+            raise RequestRejected(message) from None
+        raise ServerError(f"server: {url} answered {error.code} ({message})") from None
+    except OSError as error:
+        raise ServerError(f"server: {url} unreachable ({getattr(error, 'reason', error)})") from None
+    try:
+        ids = json.loads(data)["choices"][0]["token_ids"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        ids = None
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ServerError(f"server: {url} answered {data[:120]!r}, not sepit-serve's chat.completion with token_ids")
+    return ids
+
+
+def annotate_on_server(
+    url: str,
+    processor: SepitProcessor,
+    proteins: Sequence[Protein],
+    questions: Mapping[str, str],
+    structure_used: bool,
+    report: ReadReport,
+    batch_size: int = 4,
+    max_new_tokens: int = 64,
+    shard_dir: str | os.PathLike | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """The rows of `annotate`, answered by the sepit-serve at `url` (see the module docstring), `batch_size` x questions
+    requests in flight. The answers are the server's token ids decoded by `processor` as `annotate` decodes its own
+    (vLLM's text holds back the bytes of a character that the token limit cut, where transformers writes U+FFFD).
+    `structure_used`: whether the served model reads structures (not `sequence_only`). A protein with a refused
+    request goes to `report` with the server's reason and is left out; a failing server raises ServerError. With
+    `shard_dir`, each answer is appended as it arrives and a rerun asks only what is missing (`settings` checked as in
+    `generate_in_batches`, with the proteins, questions and token limit)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    pairs = [(protein, name, question) for protein in proteins for name, question in questions.items()]
+    done: dict[int, str] = {}
+    handle = None
+    if shard_dir is not None:
+        stored = {
+            **(settings or {}),
+            "proteins_sha256": _digest(proteins),
+            "questions": dict(questions),
+            "max_new_tokens": max_new_tokens,
         }
-        for protein in proteins
-        for name, question in questions.items()
-    ]
+        done, handle = open_shards(Path(shard_dir), stored, PartialState(cpu=True))
+    refused: dict[str, str] = {}
+    try:
+        with ThreadPoolExecutor(batch_size * len(questions)) as pool:
+            asked = {
+                pool.submit(ask_server, url, protein, question, max_new_tokens): i
+                for i, (protein, _, question) in enumerate(pairs)
+                if i not in done
+            }
+            try:
+                answered = as_completed(asked)
+                for future in tqdm(answered, total=len(asked), desc=f"annotating on {url}", disable=not progress):
+                    i = asked[future]
+                    try:
+                        ids = future.result()
+                    except RequestRejected as error:
+                        protein, name, _ = pairs[i]
+                        refused.setdefault(protein.id, f"the server refused question {name!r}: {error}")
+                        continue
+                    done[i] = processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
+                    if handle is not None:
+                        append_answers(handle, {i: done[i]})
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # what is not in flight is not sent
+                raise
+    finally:
+        if handle is not None:
+            handle.close()
+    for protein in proteins:
+        if protein.id in refused:
+            report.skip(protein.source, protein.id, refused[protein.id])
+    return _rows(proteins, questions, [done.get(i) for i in range(len(pairs))], structure_used)
 
 
 def write_table(rows: Sequence[dict], output_dir: Path) -> None:
@@ -352,12 +526,19 @@ class AnnotateArguments:
         default=None, metadata={"help": 'JSON {"name": "question with one <protein>"}; replaces --questions.'}
     )
     batch_size: int = field(
-        default=4, metadata={"help": "Proteins answered together (per process), all questions each."}
+        default=4,
+        metadata={"help": "Proteins answered together (per process), all questions each; with --server, in flight."},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Length limit of each answer."})
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
     device: str = field(
         default="cpu", metadata={"help": "Device to generate on; cuda under several processes: one GPU each."}
+    )
+    server: str | None = field(
+        default=None,
+        metadata={
+            "help": "URL of a running sepit-serve of this model (http://127.0.0.1:8000): it answers, its LLM on vLLM."
+        },
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Write output_dir even if something else wrote it, and start over."}
@@ -369,6 +550,13 @@ class AnnotateArguments:
             raise ValueError(f"model_name_or_path: {given} is not a folder; give a model folder or a Hub id")
         check_generation_settings(None, self.batch_size, self.max_new_tokens)
         check_device(self.device)
+        if self.server is not None:
+            if (self.dtype, self.device) != ("float32", "cpu"):
+                raise ValueError("dtype/device: with --server the server's own apply; give --dtype to sepit-serve")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError(
+                    "server: one process sends the requests (the server batches them); run without torchrun"
+                )
         self.question_texts = question_set(self.questions, self.questions_file)
         check_output_path(self.output_dir, WRITER, self.inputs, self.overwrite)
 
@@ -380,6 +568,8 @@ class AnnotateArguments:
     @property
     def settings(self) -> dict[str, str]:
         """What the answers depend on besides the questions, batch size and token limit: a rerun must repeat it."""
+        if self.server is not None:  # the server's dtype; its URL may change between runs (a restart, another port)
+            return {"model": self.model_name_or_path, "engine": "sepit-serve"}
         return {"model": self.model_name_or_path, "dtype": self.dtype}
 
 
@@ -389,11 +579,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
         require_local_or_cached(args.model_name_or_path, "model_name_or_path")
+        server = check_server(args.server) if args.server is not None else None
         proteins = read_proteins(args.fasta, args.uniprot, args.structures, report)
         if not proteins:
             raise ValueError(f"no readable protein in the inputs ({report.total_skipped} problems reported)")
         processor = SepitProcessor.from_pretrained(args.model_name_or_path)
-        model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+        if server is None:
+            model = SepitForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+        else:  # its tokenizer decodes the server's answers; whether they read structures is all it needs of the model
+            structure_used = not SepitConfig.from_pretrained(args.model_name_or_path).sequence_only
     except (ValueError, OSError) as error:  # arguments, inputs or model
         for problem in report.problems:
             print(f"annotate: skipped {problem.file} ({problem.entry}): {problem.reason}", file=sys.stderr)
@@ -404,26 +598,49 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         for problem in report.problems:
             print(f"annotate: skipped {problem.file} ({problem.entry}): {problem.reason}", file=sys.stderr)
+    read_problems = len(report.problems)
     try:
-        rows = annotate(
-            model.to(device),
-            processor,
-            proteins,
-            args.question_texts,
-            args.batch_size,
-            args.max_new_tokens,
-            shard_dir=output_dir / SHARDS,
-            settings=args.settings,
-        )
+        if server is None:
+            rows = annotate(
+                model.to(device),
+                processor,
+                proteins,
+                args.question_texts,
+                args.batch_size,
+                args.max_new_tokens,
+                shard_dir=output_dir / SHARDS,
+                settings=args.settings,
+            )
+        else:
+            rows = annotate_on_server(
+                server,
+                processor,
+                proteins,
+                args.question_texts,
+                structure_used,
+                report,
+                args.batch_size,
+                args.max_new_tokens,
+                shard_dir=output_dir / SHARDS,
+                settings=args.settings,
+            )
     except ValueError as error:  # the shards of an earlier run with other settings
         print(f"annotate: error: {' '.join(str(error).split())} (--overwrite starts over here)", file=sys.stderr)
         return 2
+    except ServerError as error:
+        print(
+            f"annotate: error: {error}; the answers so far are kept: rerun the same command to resume", file=sys.stderr
+        )
+        return 1
+    for problem in report.problems[read_problems:]:  # requests the server refused
+        print(f"annotate: skipped {problem.file} ({problem.entry}): {problem.reason}", file=sys.stderr)
     if state.is_main_process:
         write_table(rows, output_dir)
         skipped = ({"file": p.file, "entry": p.entry, "reason": p.reason} for p in report.problems)
         write_jsonl(output_dir / "skipped.jsonl", skipped)
         print(
-            f"annotate: {len(proteins)} proteins x {len(args.question_texts)} questions in {output_dir} "
+            f"annotate: {len(rows) // len(args.question_texts)} proteins x {len(args.question_texts)} questions in "
+            f"{output_dir} "
             f"({report.total_skipped} problems reported)"
         )
     state.wait_for_everyone()

@@ -235,9 +235,10 @@ def _generate_batch(
     return [text.strip() for text in texts]
 
 
-def _open_shards(shard_dir: Path, stored: dict[str, Any], state: PartialState) -> tuple[dict[int, str], BinaryIO]:
+def open_shards(shard_dir: Path, stored: dict[str, Any], state: PartialState) -> tuple[dict[int, str], BinaryIO]:
     """The answers already in `shard_dir` (after `stored` is checked against its settings and each process's torn
-    last line is cut) and this process's shard file, opened for appending. Every process calls it."""
+    last line is cut) and this process's shard file, opened for appending. Every process calls it (also
+    `sepit-annotate --server`, whose answers come from a server, so that its runs resume as these do)."""
     _check_settings(shard_dir, stored)  # every process, before any waits for another
     own = shard_dir / f"rank-{state.process_index:05d}.jsonl"
     if state.is_main_process:
@@ -247,6 +248,13 @@ def _open_shards(shard_dir: Path, stored: dict[str, Any], state: PartialState) -
     _cut_torn_line(own)
     state.wait_for_everyone()  # no file is read while its process may still cut it
     return _answered(shard_dir), own.open("ab")
+
+
+def append_answers(handle: BinaryIO, answers: dict[int, str]) -> None:
+    """{index: answer} appended to a shard file as lines and fsynced: what a rerun finds there survives a kill."""
+    handle.write("".join(json.dumps({"index": i, "answer": a}) + "\n" for i, a in answers.items()).encode())
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _answer_batch(
@@ -263,9 +271,7 @@ def _answer_batch(
         )
     )
     if handle is not None:
-        handle.write("".join(json.dumps({"index": i, "answer": a}) + "\n" for i, a in answers.items()).encode())
-        handle.flush()
-        os.fsync(handle.fileno())
+        append_answers(handle, answers)
     return answers
 
 
@@ -306,7 +312,7 @@ def generate_in_batches(
             "max_new_tokens": max_new_tokens,
             "questions_sha256": _fingerprint(requests, sort_keys),
         }
-        done, handle = _open_shards(Path(shard_dir), stored, state)
+        done, handle = open_shards(Path(shard_dir), stored, state)
     remaining = [batch for batch in batches if not all(i in done for i in batch)]
     mine = remaining[state.process_index :: state.num_processes]
     new: dict[int, str] = {}
@@ -372,7 +378,7 @@ def generate_streamed(
     handle = None
     if shard_dir is not None:
         stored = {**(settings or {}), "batch_size": batch_size, "max_new_tokens": max_new_tokens, "window": window}
-        done, handle = _open_shards(Path(shard_dir), stored, state)
+        done, handle = open_shards(Path(shard_dir), stored, state)
     windows = rows.batch(window).map(lambda _, number: {WINDOW_COLUMN: number}, with_indices=True)
     mine = split_dataset_by_node(windows, state.process_index, state.num_processes, strategy="examples")
     new: dict[int, str] = {}

@@ -144,8 +144,10 @@ def test_a_folder_of_structures_alone_gives_every_protein_chain(tmp_path) -> Non
 
 
 @pytest.mark.parametrize(
-    "command", [command for _, command in BASH_COMMANDS if command.startswith("sepit-annotate")], ids=["fasta", "pdb"]
-)
+    "command",
+    [command for _, command in BASH_COMMANDS if command.startswith("sepit-annotate") and "--server" not in command],
+    ids=["fasta", "pdb"],
+)  # the --server command runs in test_annotation_vllm.py, against a server
 def test_the_readme_commands_run(command, saved_model, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # the commands name the repository's fixtures
     tokens = [str(saved_model) if token == "outputs/main/hub-model" else token for token in shlex.split(command)[1:]]
