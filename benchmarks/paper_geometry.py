@@ -8,7 +8,9 @@ call by call (a burst of other load on a shared machine hits both alike; the rat
 - `generation`: SEPIT generating from a real protein against the bare LLM (the same weights, shared) on a prompt of
   the same length, and against the sequence-as-text baseline (the LLM reading `<bop>SEQUENCE<eop>` as text: SEPIT's
   prompt with each protein's positions replaced by as many tokens as `--sequence_tokenizer`, a real tokenizer, writes
-  `<bop>SEQUENCE<eop>` in; random ids, the weights being random anyway).
+  `<bop>SEQUENCE<eop>` in; random ids, the weights being random anyway). One call per system generates the largest
+  of `--new_tokens` and a stopping criterion clocks every new token, so the time to N tokens, for each N asked, and
+  the prompt pass (the time to the first token) come from the same calls.
 - `bf16`: the machine's matmul peak (2048 x 2048, fp32 and bf16), then SEPIT's prompt pass and one decoding step in
   fp32 and under bf16 autocast (and, after those, with the weights cast to bf16), with FLOPs counted by
   `torch.utils.flop_counter` and achieved FLOP/s as a fraction of the measured peak; logits compared with fp32.
@@ -16,13 +18,15 @@ call by call (a burst of other load on a shared machine hits both alike; the rat
   question and answer: stage 1 (everything trained) then stage 2 (upcycled to 4 experts, top-1, encoder and structure
   module frozen), each in fp32, fp32 with activation checkpointing and bf16 autocast, alternating step by step.
 
-Peak memory: the script runs with a fixed malloc mmap threshold (freed tensors go back to the OS) and resets the
-kernel's peak-RSS mark (`/proc/self/clear_refs`) before each measured call; the figure is VmHWM at the end minus VmRSS
-at the start (and VmHWM itself for training steps). Usage, from the repository root::
+Peak memory: the rows that report it (structure, training) run with a fixed malloc mmap threshold (freed tensors go
+back to the OS) and reset the kernel's peak-RSS mark (`/proc/self/clear_refs`) before each measured call; the figure
+is VmHWM at the end minus VmRSS at the start (and VmHWM itself for training steps). The time-only rows keep glibc's
+default, as a user's process does: a fresh mmap per tensor makes every allocation fault its pages in again. Usage,
+from the repository root::
 
     PYTHONPATH=. .venv/bin/python benchmarks/paper_geometry.py structure --parts outputs/paper-parts
     PYTHONPATH=. .venv/bin/python benchmarks/paper_geometry.py generation --parts outputs/paper-parts \\
-        --sequence_tokenizer outputs/main/smollm2 --new_tokens 32 --batch_sizes 1
+        --sequence_tokenizer outputs/main/smollm2 --new_tokens 32 128 --batch_sizes 1 8
     PYTHONPATH=. .venv/bin/python benchmarks/paper_geometry.py bf16 --parts outputs/paper-parts
     PYTHONPATH=. .venv/bin/python benchmarks/paper_geometry.py training --parts outputs/train-parts
 """
@@ -48,7 +52,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, StoppingCriteria  # noqa: E402
 
 from dataset_card.external_benchmarks import GO_MF_FILE  # noqa: E402
 from modeling_sepit import SepitDataCollator, SepitForConditionalGeneration, SepitProcessor  # noqa: E402
@@ -205,13 +209,33 @@ def left_padded(lengths: list[int], low: int, high: int, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def generate_seconds(model, inputs: dict, new_tokens: int) -> float:
+class TokenClock(StoppingCriteria):
+    """Never stops generation; records the time at which each new token is appended."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def token_seconds(model, inputs: dict, new_tokens: int) -> list[float]:
+    """Seconds from the call's start to each of exactly `new_tokens` new tokens (greedy, KV cache)."""
+    clock = TokenClock()
     start = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            stopping_criteria=[clock],
+        )
     synchronize()
-    assert output.shape[1] == inputs["input_ids"].shape[1] + new_tokens
-    return time.perf_counter() - start
+    assert output.shape[1] == inputs["input_ids"].shape[1] + new_tokens and len(clock.times) == new_tokens
+    return [moment - start for moment in clock.times]
 
 
 def sepit_prompt(processor: SepitProcessor, chosen: list[str]) -> dict:
@@ -234,8 +258,13 @@ def generation_row(args: argparse.Namespace) -> None:
     pool = [sequence[: args.max_protein_length] for sequence in sequences()]
     rng = random.Random(0)
     pad_id, protein_id = processor.tokenizer.pad_token_id, processor.protein_token_id
+    longest = max(args.new_tokens)
     header(args)
-    print(f"as-text prompts: SEPIT's text tokens + <bop>SEQUENCE<eop> as {text_tokenizer.name_or_path} writes it")
+    print(
+        f"as-text prompts: SEPIT's text tokens + <bop>SEQUENCE<eop> as {text_tokenizer.name_or_path} writes it; "
+        f"{args.weights} weights; one call of {longest} new tokens per system and round, clocked at every token; "
+        f"medians of {args.repeats} rounds"
+    )
     print(
         "| new tokens | batch | SEPIT / bare positions | as-text positions | SEPIT tok/s | bare tok/s | as-text tok/s "
         "| SEPIT / bare | SEPIT / as-text |"
@@ -260,38 +289,44 @@ def generation_row(args: argparse.Namespace) -> None:
         as_text = {k: v.to(DEVICE) for k, v in left_padded(as_text_lengths, 10, protein_id, pad_id).items()}
         systems = {"SEPIT": (sepit, inputs), "bare": (bare, bare_inputs), "as-text": (bare, as_text)}
         protein_inputs = [inputs[name] for name in ("protein_input_ids", "protein_attention_mask")]
-        times = {name: [] for name in (*systems, "SEPIT 1 token", "bare 1 token", "encoder")}
-        for model, model_inputs in systems.values():
-            generate_seconds(model, model_inputs, 2)  # warm-up
+        clocks = {name: [] for name in systems}
+        encoder = []
+        for model, model_inputs in systems.values():  # warm-up on the first prompt: every weight read once
+            token_seconds(model, {name: value[:1] for name, value in model_inputs.items()}, 2)
         for _ in range(args.repeats):
             for name, (model, model_inputs) in systems.items():
-                times[name].append(generate_seconds(model, model_inputs, args.new_tokens))
-            # The profile: prompt pass (one new token) of SEPIT and of the bare LLM, and SEPIT's ESM encoder alone.
-            times["SEPIT 1 token"].append(generate_seconds(sepit, inputs, 1))
-            times["bare 1 token"].append(generate_seconds(bare, bare_inputs, 1))
+                clocks[name].append(token_seconds(model, model_inputs, longest))
+            # The profile's missing piece: SEPIT's ESM encoder alone on the same proteins.
             with torch.no_grad():
-                times["encoder"].append(measured(lambda p=protein_inputs: sepit.model.get_protein_features(*p))[0])
-        rate = {name: batch_size * args.new_tokens / statistics.median(times[name]) for name in systems}
-        median = {name: statistics.median(values) for name, values in times.items()}
-        cells = (
-            args.new_tokens,
-            batch_size,
-            f"{inputs['input_ids'].shape[1]}",
-            f"{as_text['input_ids'].shape[1]}",
-            f"{rate['SEPIT']:.2f}",
-            f"{rate['bare']:.2f}",
-            f"{rate['as-text']:.2f}",
-            f"{rate['SEPIT'] / rate['bare']:.2f}",
-            f"{rate['SEPIT'] / rate['as-text']:.2f}",
-        )
-        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
-        print(f"# raw seconds: {json.dumps(times)}", flush=True)
-        steps = max(args.new_tokens - 1, 1)
+                encoder.append(measured(lambda p=protein_inputs: sepit.model.get_protein_features(*p))[0])
+            reached = {name: [round(values[-1][n - 1], 2) for n in args.new_tokens] for name, values in clocks.items()}
+            print(f"# round, batch {batch_size}: seconds to {args.new_tokens} tokens {json.dumps(reached)}", flush=True)
+        for new_tokens in args.new_tokens:
+            seconds = {name: [clock[new_tokens - 1] for clock in values] for name, values in clocks.items()}
+            rate = {name: batch_size * new_tokens / statistics.median(values) for name, values in seconds.items()}
+            cells = (
+                new_tokens,
+                batch_size,
+                f"{inputs['input_ids'].shape[1]}",
+                f"{as_text['input_ids'].shape[1]}",
+                f"{rate['SEPIT']:.2f}",
+                f"{rate['bare']:.2f}",
+                f"{rate['as-text']:.2f}",
+                f"{rate['SEPIT'] / rate['bare']:.2f}",
+                f"{rate['SEPIT'] / rate['as-text']:.2f}",
+            )
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+            print(f"# raw seconds to {new_tokens} tokens: {json.dumps(seconds)}", flush=True)
+        first = {name: statistics.median(clock[0] for clock in values) for name, values in clocks.items()}
+        step = {
+            name: statistics.median((clock[-1] - clock[0]) / max(longest - 1, 1) for clock in values)
+            for name, values in clocks.items()
+        }
         print(
-            f"# profile, batch {batch_size}: prompt pass SEPIT {median['SEPIT 1 token']:.3f} s (ESM encoder "
-            f"{median['encoder']:.3f} s) vs bare {median['bare 1 token']:.3f} s; decoding per step SEPIT "
-            f"{(median['SEPIT'] - median['SEPIT 1 token']) / steps:.3f} s vs bare "
-            f"{(median['bare'] - median['bare 1 token']) / steps:.3f} s",
+            f"# profile, batch {batch_size}: prompt pass (time to the first token) SEPIT {first['SEPIT']:.3f} s (ESM "
+            f"encoder alone {statistics.median(encoder):.3f} s) vs bare {first['bare']:.3f} s vs as-text "
+            f"{first['as-text']:.3f} s; decoding per step SEPIT {step['SEPIT']:.4f} s vs bare {step['bare']:.4f} s vs "
+            f"as-text {step['as-text']:.4f} s; encoder runs: {json.dumps(encoder)}",
             flush=True,
         )
 
@@ -479,7 +514,9 @@ def main() -> None:
     parser.add_argument("--parts", required=True, help="Folder with protein_model/ and language_model/.")
     parser.add_argument("--length", type=int, default=1022, help="Residues of the protein (structure, training).")
     parser.add_argument("--max_protein_length", type=int, default=512, help="Residues kept (generation, bf16).")
-    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument(
+        "--new_tokens", type=int, nargs="+", default=[32], help="Answer lengths timed (generation; one call each)."
+    )
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--sequence_tokenizer", help="Tokenizer that writes the as-text prompt (default: the LLM's).")
     parser.add_argument("--repeats", type=int, default=3)
@@ -488,7 +525,9 @@ def main() -> None:
         "--weights", choices=sorted(WEIGHTS), default="fp32", help="Weights dtype (structure, generation)."
     )
     args = parser.parse_args()
-    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+    # Only for the rows that report memory: with every tensor over 64 KiB a fresh mmap, each allocation faults its
+    # pages in again (about 0.9 s more per ESM-2 650M pass on 299 positions), which would bias the time-only rows.
+    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) if args.row in ("structure", "training") else ():
         if LIBC.mallopt(option, FIXED_THRESHOLD) != 1:
             raise RuntimeError(
                 f"mallopt({option}, {FIXED_THRESHOLD}) failed: peak-memory figures would not be comparable"
