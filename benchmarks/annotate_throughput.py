@@ -8,24 +8,46 @@ structure folder (sequence and C-alpha coordinates). Questions: the command's si
 `--batch_size` proteins at a time, each encoded once for its six questions; the loop calls the pipeline once per
 (protein, question), as a user without the command would. Both decode greedily at most `--max_new_tokens` tokens.
 Reading the inputs is outside both timings (printed apart). The two alternate, `--repeats` times each after a warm-up
-of both; the medians are printed, and how many answers agree. Usage, from the repository root::
+of both; the medians are printed, and how many answers agree.
+
+`--vllm` also times `sepit-annotate --server` (`annotate_on_server`) against a `sepit-serve` of the same model,
+started once (outside the timing; fp32, `--max-model-len 512 --enforce-eager`): the model's LLM then has 2 heads of
+32, as `benchmarks/serving_throughput.py` builds it (vLLM's CPU attention refuses the tiny parts' head size 16), and
+its answers are compared with `annotate`'s. Usage, from the repository root::
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/annotate_throughput.py --parts outputs/annotate/parts
 """
 
 import argparse
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from transformers import pipeline
 
-from dataset_card.annotation import DEFAULT_QUESTIONS, annotate, question_set, read_proteins
+from benchmarks.serving_throughput import READY, build_folder
+from dataset_card.annotation import (
+    DEFAULT_QUESTIONS,
+    QUESTION_TYPES,
+    annotate,
+    annotate_on_server,
+    question_set,
+    read_proteins,
+)
 from dataset_card.external_benchmarks import GO_MF_FILE
+from dataset_card.uniprot_reader import ReadReport
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_loop(asker, proteins, questions: dict[str, str], max_new_tokens: int) -> list[str]:
@@ -38,6 +60,27 @@ def pipeline_loop(asker, proteins, questions: dict[str, str], max_new_tokens: in
                 request.update(coords=protein.coords, coords_mask=protein.coords_mask)
             answers.append(asker(request, max_new_tokens=max_new_tokens, do_sample=False)[0]["answer"])
     return answers
+
+
+@contextmanager
+def sepit_serve(folder: Path, log: Path) -> Iterator[str]:
+    """The base URL of a sepit-serve of `folder` (fp32, vLLM as the serving tests start it), stopped on exit."""
+    command = [
+        sys.executable, "-m", "modeling_sepit.serving", "--model_name_or_path", str(folder), "--port", "0",
+        "--dtype", "float32", "--vllm_args", "--max-model-len 512 --enforce-eager",
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        while not (found := [m for line in log.read_text().splitlines() if (m := READY.match(line))]):
+            if server.poll() is not None:
+                raise SystemExit(f"sepit-serve exited {server.returncode}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield found[0][1]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
 
 
 def main() -> None:
@@ -53,23 +96,41 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=4, help="sepit-annotate's proteins per batch")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--questions", nargs="+", default=list(DEFAULT_QUESTIONS), choices=sorted(QUESTION_TYPES))
+    parser.add_argument("--vllm", action="store_true", help="Also time sepit-annotate --server on a sepit-serve")
     args = parser.parse_args()
+    with ExitStack() as stack:
+        if args.vllm:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            folder = build_folder(Path(args.parts), workdir, args.max_protein_length)
+            start = time.perf_counter()
+            url = stack.enter_context(sepit_serve(folder, workdir / "serve.log"))
+            print(f"sepit-serve started in {time.perf_counter() - start:.1f} s")
+        run(args, url if args.vllm else None, folder if args.vllm else None)
+
+
+def run(args: argparse.Namespace, url: str | None, folder: Path | None) -> None:
+    """Time annotate against the loop (and against annotate_on_server at `url`, serving `folder`) and print."""
     torch.manual_seed(0)
-    protein_part, language_part = f"{args.parts}/protein_model", f"{args.parts}/language_model"
-    processor = SepitProcessor.from_pretrained_parts(
-        protein_part, language_part, max_protein_length=args.max_protein_length
-    )
-    model = SepitForConditionalGeneration.from_pretrained_parts(
-        protein_part, language_part, protein_token_id=processor.protein_token_id
-    ).eval()
+    if folder is None:
+        protein_part, language_part = f"{args.parts}/protein_model", f"{args.parts}/language_model"
+        processor = SepitProcessor.from_pretrained_parts(
+            protein_part, language_part, max_protein_length=args.max_protein_length
+        )
+        model = SepitForConditionalGeneration.from_pretrained_parts(
+            protein_part, language_part, protein_token_id=processor.protein_token_id
+        ).eval()
+    else:
+        processor = SepitProcessor.from_pretrained(folder)
+        model = SepitForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     asker = pipeline("protein-qa", model=model, processor=processor)
-    questions = question_set(DEFAULT_QUESTIONS)
+    questions = question_set(args.questions)
     start = time.perf_counter()
     if args.structures:
         proteins = read_proteins(structures=args.structures)[: args.proteins]
     else:
-        with tempfile.TemporaryDirectory() as folder:
-            fasta = Path(folder) / "proteins.fasta"
+        with tempfile.TemporaryDirectory() as scratch:
+            fasta = Path(scratch) / "proteins.fasta"
             lines = GO_MF_FILE.read_text().splitlines()[: args.proteins]
             sequences = [json.loads(line)["sequence"] for line in lines]
             fasta.write_text("".join(f">P{i}\n{sequence}\n" for i, sequence in enumerate(sequences)))
@@ -85,13 +146,26 @@ def main() -> None:
     def run_loop() -> list[str]:
         return pipeline_loop(asker, proteins, questions, args.max_new_tokens)
 
-    times: dict[str, list[float]] = {"annotate": [], "loop": []}
-    answers = {"annotate": run_annotate(), "loop": run_loop()}  # warm-up
+    def run_server() -> list[str]:
+        report = ReadReport()
+        rows = annotate_on_server(
+            url, processor, proteins, questions, not model.config.sequence_only, report, args.batch_size,
+            args.max_new_tokens, progress=False,
+        )  # fmt: skip
+        assert not report.problems, report.problems
+        return [row["answer"] for row in rows]
+
+    runs = {"annotate": run_annotate, "loop": run_loop} | ({"vllm": run_server} if url else {})
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    answers = {name: answer_all() for name, answer_all in runs.items()}  # warm-up
+    changed: dict[str, int] = dict.fromkeys(runs, 0)
     for _ in range(args.repeats):
-        for name, run in (("annotate", run_annotate), ("loop", run_loop)):
+        for name, answer_all in runs.items():
             start = time.perf_counter()
-            assert run() == answers[name], f"{name}: answers changed between runs"
+            # vLLM's batches vary with the timing of the requests; transformers' answers must not change at all.
+            changed[name] += answer_all() != answers[name]
             times[name].append(time.perf_counter() - start)
+    assert not changed["annotate"] and not changed["loop"], f"answers changed between runs: {changed}"
     agree = sum(a == b for a, b in zip(answers["annotate"], answers["loop"], strict=True))
     median = {name: statistics.median(values) for name, values in times.items()}
     hidden = (model.config.protein_config.hidden_size, model.config.text_config.hidden_size)
@@ -108,6 +182,19 @@ def main() -> None:
         f"{len(proteins) / median['loop']:.2f} | {median['loop'] / median['annotate']:.2f}x | "
         f"{agree}/{len(answers['loop'])} |"
     )
+    if url:
+        same = sum(a == b for a, b in zip(answers["vllm"], answers["annotate"], strict=True))
+        print(
+            "| sepit-annotate on vLLM s | on transformers s | vLLM proteins/s | transformers proteins/s | "
+            "vLLM / transformers | answers equal |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"| {median['vllm']:.2f} | {median['annotate']:.2f} | {len(proteins) / median['vllm']:.2f} | "
+            f"{len(proteins) / median['annotate']:.2f} | {median['annotate'] / median['vllm']:.2f}x | "
+            f"{same}/{len(answers['annotate'])} |"
+        )
+        print(f"vLLM runs whose answers differed from its warm-up's: {changed['vllm']} of {args.repeats}")
     print("runs (s):", json.dumps({name: [round(value, 2) for value in values] for name, values in times.items()}))
 
 
