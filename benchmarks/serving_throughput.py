@@ -8,7 +8,10 @@ has 2 heads of 32 (vLLM's CPU attention refuses the tiny parts' head size 16), p
 with their structure, two by sequence) x 16 questions; greedy, at most `--max_new_tokens` tokens. The server is
 started once (its start is outside the timing, printed apart) and its timing includes HTTP, the protein side
 (processor, encoder, projector, one request at a time) and vLLM. The three alternate, `--repeats` times each after a
-warm-up of each; medians printed, and how many answers agree with the pipeline loop's. Usage, from the repository root::
+warm-up of each; medians printed, and how many answers agree with the pipeline loop's. Then, untimed, parity: the
+server's token ids against the loop's, the smallest top-2 log-prob margin along the loop's answers, and the largest
+difference between the log-probs of the loop's answers under vLLM (teacher-forced prefixes as prompt embeddings) and
+SEPIT's own. Usage, from the repository root::
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serving_throughput.py \\
         --parts outputs/annotate/parts
@@ -32,6 +35,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor, load_structure
+from modeling_sepit.serving import ProteinFront
+from tests.modeling_sepit.test_serving import log_probs_under_transformers, log_probs_under_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ROOT / "tests" / "fixtures" / "structures"
@@ -60,7 +65,7 @@ QUESTIONS = [
     "Name <protein>.",
     "What is the subunit structure of <protein> ?",
 ]
-READY = re.compile(r"^sepit-serve: .* on (http://127\.0\.0\.1:\d+)/v1/chat/completions")
+READY = re.compile(r"^sepit-serve: .* on (http://127\.0\.0\.1:\d+)/v1/chat/completions \(vLLM pid \d+ on (\S+)\)")
 
 
 def build_folder(parts: Path, folder: Path, max_protein_length: int) -> Path:
@@ -81,12 +86,34 @@ def build_folder(parts: Path, folder: Path, max_protein_length: int) -> Path:
     return folder / "sepit"
 
 
-def post(url: str, body: dict) -> str:
+def post(url: str, body: dict) -> tuple[str, list[int]]:
+    """The answer's text and token ids."""
     request = urllib.request.Request(
         f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())["choices"][0]["message"]["content"].strip()
+        choice = json.loads(response.read())["choices"][0]
+    return choice["message"]["content"].strip(), choice["token_ids"]
+
+
+@torch.no_grad()
+def parity(
+    model: SepitForConditionalGeneration, front: ProteinFront, vllm_url: str, bodies: list[dict], loop_ids: list
+) -> tuple[float, float]:
+    """(smallest top-2 log-prob margin along the loop's answers, largest |log-prob under vLLM - SEPIT's own|)."""
+    margin, difference = float("inf"), 0.0
+    table = model.get_input_embeddings()
+    for body, answer in zip(bodies, loop_ids, strict=True):
+        embeds = front.embeddings(front.prompt(body)[0])
+        ours = log_probs_under_transformers(model, embeds, answer)
+        theirs = torch.tensor(log_probs_under_vllm(vllm_url, embeds, answer, table))
+        difference = max(difference, (theirs - ours).abs().max().item())
+        tokens = torch.tensor(answer)
+        inputs = torch.cat([embeds, table(tokens[:-1])])[None]
+        hidden = model.model.language_model(inputs_embeds=inputs).last_hidden_state[0, len(embeds) - 1 :]
+        top2 = model.lm_head(hidden).log_softmax(-1).topk(2, -1).values
+        margin = min(margin, (top2[:, 0] - top2[:, 1]).min().item())
+    return margin, difference
 
 
 def main() -> None:
@@ -117,12 +144,14 @@ def main() -> None:
                     raise SystemExit(f"sepit-serve exited {server.returncode}:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
             startup = time.perf_counter() - start
-            url = found[0][1]
+            url, vllm_url = found[0][1], found[0][2]
             settings = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
 
             def run_server() -> list[str]:
                 with ThreadPoolExecutor(len(bodies)) as pool:
-                    return list(pool.map(lambda b: post(url, {**b, "max_tokens": args.max_new_tokens}), bodies))
+                    replies = list(pool.map(lambda b: post(url, {**b, "max_tokens": args.max_new_tokens}), bodies))
+                server_ids.append([ids for _, ids in replies])
+                return [text for text, _ in replies]
 
             def run_batched() -> list[str]:
                 return [a[0]["answer"] for a in asker(requests, batch_size=len(requests), **settings)]
@@ -130,6 +159,7 @@ def main() -> None:
             def run_loop() -> list[str]:
                 return [asker(request, **settings)[0]["answer"] for request in requests]
 
+            server_ids: list[list[list[int]]] = []
             runs = {"server (vLLM)": run_server, "batched generate": run_batched, "pipeline loop": run_loop}
             answers = {name: run() for name, run in runs.items()}  # warm-up
             times: dict[str, list[float]] = {name: [] for name in runs}
@@ -138,6 +168,13 @@ def main() -> None:
                     begin = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - begin)
+            front = ProteinFront(str(folder), torch.float32)
+            loop_ids = []
+            for request, body in zip(requests, bodies, strict=True):
+                prompt_length = front.embeddings(front.prompt(body)[0]).shape[0]
+                full = asker(request, **settings, return_tensors=True)[0]["generated_token_ids"]
+                loop_ids.append(full[prompt_length:])
+            margin, difference = parity(model, front, vllm_url, bodies, loop_ids)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(120)
@@ -155,6 +192,12 @@ def main() -> None:
         agree = sum(a == b for a, b in zip(answers[name], answers["pipeline loop"], strict=True))
         print(f"| {name} | {median:.2f} | {len(requests) / median:.1f} | {agree}/{len(requests)} |")
     print("runs (s):", json.dumps({name: [round(value, 2) for value in values] for name, values in times.items()}))
+    equal = [sum(ids == loop for ids, loop in zip(run, loop_ids, strict=True)) for run in server_ids]
+    print(
+        f"parity: server token ids equal to the loop's {'/'.join(map(str, equal))} of {len(requests)} (each server "
+        f"run); smallest top-2 log-prob margin along the loop's answers {margin:.1e}; log-probs of the loop's "
+        f"{sum(map(len, loop_ids))} answer tokens under vLLM against SEPIT's: max |difference| {difference:.1e}"
+    )
 
 
 if __name__ == "__main__":

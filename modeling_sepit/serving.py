@@ -136,6 +136,13 @@ def exported_llm(model_name_or_path: str, llm_dir: str | None, workdir: Path) ->
     return export_llm(model_name_or_path, llm_dir)
 
 
+def encode_embeddings(embeds: torch.Tensor) -> str:
+    """Prompt embeddings as vLLM's `/v1/completions` takes them (`prompt_embeds`): a base64 `torch.save` file."""
+    buffer = io.BytesIO()
+    torch.save(embeds.contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 class ProteinFront:
     """Turns a chat request about a protein into prompt embeddings and asks vLLM for the answer."""
 
@@ -229,17 +236,18 @@ class ProteinFront:
             embeds = self.embeddings(request)
         except (ValueError, TypeError) as error:  # the processor's checks (lengths, coordinates)
             raise RequestError(f"{where}: {error}", where) from error
-        buffer = io.BytesIO()
-        torch.save(embeds.contiguous(), buffer)
         payload = {
             "model": SERVED_NAME,
-            "prompt_embeds": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "prompt_embeds": encode_embeddings(embeds),
             "logit_bias": self.logit_bias,
             "return_token_ids": True,
             **settings,
         }
         answer = self.post_vllm("/v1/completions", payload)
         choice = answer["choices"][0]
+        # The text decoded from the token ids as protein-qa decodes them: vLLM's incremental detokenizer holds back
+        # a UTF-8 character left incomplete by max_tokens, where protein-qa writes U+FFFD (7 of 64 answers differed).
+        text = self.processor.tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -248,7 +256,7 @@ class ProteinFront:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": choice["text"]},
+                    "message": {"role": "assistant", "content": text},
                     "finish_reason": choice.get("finish_reason"),
                     "token_ids": choice.get("token_ids"),
                 }

@@ -1,9 +1,12 @@
-"""`sepit-serve` (modeling_sepit/serving.py) on loopback: one server per module, started as `./run.sh serve` starts
-it, with vLLM in `.venv-serve`. Greedy answers about real proteins (with and without structure, both request forms,
-sent concurrently) equal `pipeline("protein-qa")`'s in fp32, the README's requests are answered, malformed requests
-get a 400 naming the field and the next good one is answered, and SIGTERM stops the server and its vLLM child."""
+"""`sepit-serve` (modeling_sepit/serving.py) on loopback, started as `./run.sh serve` starts it, with vLLM in
+`.venv-serve`: one server of a dense model, one of an upcycled top-2 MoE (exported as Mixtral). Greedy answers about
+real proteins (with and without structure, both request forms, sent concurrently) equal `pipeline("protein-qa")`'s in
+fp32, token ids and text, and the log-probs of protein-qa's answers under vLLM agree with SEPIT's own to
+LOG_PROB_TOLERANCE; the README's requests are answered, malformed requests get a 400 naming the field and the next
+good one is answered, and SIGTERM stops the server and its vLLM child."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -12,23 +15,34 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.serving import DEFAULT_VLLM_PYTHON
+from modeling_sepit.serving import DEFAULT_VLLM_PYTHON, SERVED_NAME, ProteinFront, encode_embeddings
 from tests.conftest import ROOT, STRUCTURES, read_chain
+from tests.modeling_sepit.test_export_llm import upcycled
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_VLLM_PYTHON.is_file(),
     reason=f"{DEFAULT_VLLM_PYTHON} does not exist: `./run.sh test` (or `./run.sh serve`) sets up .venv-serve",
 )
 NEW_TOKENS = 16
-READY = re.compile(r"^sepit-serve: .* on (http://127\.0\.0\.1:\d+)/v1/chat/completions \(vLLM pid (\d+) ")
+JSON = {"Content-Type": "application/json"}
+# fp32 log-probs of the tiny models lie in [-8, -4], where one float32 ulp is 4.8e-7: the measured worst difference
+# between vLLM and transformers (benchmarks/README.md, "Serving through vLLM"). 1e-5 leaves 20 ulps for kernels'
+# summation orders; a wrong protein, a lost structure or BOS, or a shifted position moves them by 1e-3 or more.
+LOG_PROB_TOLERANCE = 1e-5
+READY = re.compile(
+    r"^sepit-serve: .* on (http://127\.0\.0\.1:\d+)/v1/chat/completions \(vLLM pid (\d+) on (http://127\.0\.0\.1:\d+)\)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +65,20 @@ def served_folder(tiny_parts, tmp_path_factory) -> Path:
     return folder / "sepit"
 
 
-@pytest.fixture(scope="module")
-def server(served_folder, tmp_path_factory):
-    """(base URL, vLLM pid, server process, log path) of a running server; stopped at the end of the module."""
-    log = tmp_path_factory.mktemp("serving-log") / "serve.log"
+class Served(NamedTuple):
+    url: str
+    vllm_pid: int
+    process: subprocess.Popen
+    log: Path
+    vllm_url: str
+
+
+@contextmanager
+def running_server(folder: Path, log: Path) -> Iterator[Served]:
+    """`sepit-serve` on `folder` as `./run.sh serve` starts it, fp32; stopped on exit."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "modeling_sepit.serving", "--model_name_or_path", str(served_folder), "--port", "0",
+        sys.executable, "-m", "modeling_sepit.serving", "--model_name_or_path", str(folder), "--port", "0",
         "--dtype", "float32", "--vllm_args", "--max-model-len 512 --enforce-eager",
     ]  # fmt: skip
     with log.open("w") as output:
@@ -68,16 +89,23 @@ def server(served_folder, tmp_path_factory):
             assert process.poll() is None, f"sepit-serve exited {process.returncode}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"sepit-serve not ready after 300 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
-        yield found[0][1], int(found[0][2]), process, log
+        yield Served(found[0][1], int(found[0][2]), process, log, found[0][3])
     finally:
         if process.poll() is None:
             process.terminate()
             process.wait(60)
 
 
+@pytest.fixture(scope="module")
+def server(served_folder, tmp_path_factory) -> Iterator[Served]:
+    """The server of the module, stopped at its end (or by `test_sigterm_stops_the_server_and_vllm`)."""
+    with running_server(served_folder, tmp_path_factory.mktemp("serving-log") / "serve.log") as served:
+        yield served
+
+
 def post(url: str, body: bytes | dict) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data, JSON)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -114,28 +142,136 @@ def real_requests() -> list[tuple[dict, object]]:
 
 
 @pytest.fixture(scope="module")
-def protein_qa(served_folder):
-    model = SepitForConditionalGeneration.from_pretrained(served_folder, dtype=torch.float32).eval()
-    return pipeline("protein-qa", model=model, processor=SepitProcessor.from_pretrained(served_folder))
+def moe_folder(served_folder, tmp_path_factory) -> Path:
+    """The served model upcycled as stage 2 upcycles (4 experts, top-2, `norm_topk_prob=True`), its experts and
+    router made distinct: `sepit-export-llm` writes its LLM as a stock MixtralForCausalLM, run by vLLM's fused MoE."""
+    folder = tmp_path_factory.mktemp("serving-moe") / "sepit"
+    model = SepitForConditionalGeneration.from_pretrained(served_folder, dtype=torch.float32)
+    upcycled(model, top_k=2).save_pretrained(folder)
+    SepitProcessor.from_pretrained(served_folder).save_pretrained(folder)
+    return folder
 
 
-def test_greedy_answers_equal_protein_qa(server, protein_qa) -> None:
-    url = server[0]
+@pytest.fixture(scope="module")
+def moe_server(moe_folder, tmp_path_factory) -> Iterator[Served]:
+    with running_server(moe_folder, tmp_path_factory.mktemp("serving-moe-log") / "serve.log") as served:
+        yield served
+
+
+# Each served model: (its SEPIT folder's fixture, its server's fixture).
+VARIANTS = {"dense": ("served_folder", "server"), "moe-top2": ("moe_folder", "moe_server")}
+
+
+class Reference(NamedTuple):
+    """protein-qa's greedy answers to `real_requests()` (texts, new token ids), the model and the server's front."""
+
+    model: SepitForConditionalGeneration
+    answers: list[str]
+    token_ids: list[list[int]]
+    front: ProteinFront
+
+
+@pytest.fixture(scope="module")
+def reference(request) -> Callable[[str], Reference]:
+    """The `Reference` of a variant (a `VARIANTS` key), computed once per module."""
+    computed = {}
+
+    def of(variant: str) -> Reference:
+        if variant not in computed:
+            folder = request.getfixturevalue(VARIANTS[variant][0])
+            model = SepitForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+            protein_qa = pipeline("protein-qa", model=model, processor=SepitProcessor.from_pretrained(folder))
+            inputs = [pipeline_inputs for _, pipeline_inputs in real_requests()]
+            settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False}
+            answers = [answer[0]["answer"] for answer in protein_qa(inputs, **settings)]
+            front = ProteinFront(str(folder), torch.float32)
+            full_ids = protein_qa(inputs, **settings, return_tensors=True)
+            token_ids = []
+            for (body, _), full in zip(real_requests(), full_ids, strict=True):
+                prompt_length = front.embeddings(front.prompt(body)[0]).shape[0]
+                token_ids.append(full[0]["generated_token_ids"][prompt_length:])
+            computed[variant] = Reference(model, answers, token_ids, front)
+        return computed[variant]
+
+    return of
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_answers_equal_protein_qa(variant, request, reference) -> None:
+    url = request.getfixturevalue(VARIANTS[variant][1]).url
+    expected = reference(variant)
     requests = real_requests()
     with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: vLLM batches them
         replies = list(pool.map(lambda pair: post(url, pair[0]), requests))
-    expected = protein_qa([inputs for _, inputs in requests], max_new_tokens=NEW_TOKENS, do_sample=False)
-    expected_ids = protein_qa(
-        [inputs for _, inputs in requests], max_new_tokens=NEW_TOKENS, do_sample=False, return_tensors=True
-    )
-    eos = protein_qa.processor.tokenizer.eos_token_id
-    for (status, reply), answer, ids in zip(replies, expected, expected_ids, strict=True):
+    eos = expected.front.processor.tokenizer.eos_token_id
+    for (status, reply), answer, ids in zip(replies, expected.answers, expected.token_ids, strict=True):
         assert status == 200, reply
         choice = reply["choices"][0]
-        assert choice["message"]["content"].strip() == answer[0]["answer"]
-        assert choice["token_ids"] == ids[0]["generated_token_ids"][-len(choice["token_ids"]) :]
+        assert choice["token_ids"] == ids
+        # decoded as protein-qa decodes: an answer cut inside a UTF-8 character reads the same
+        assert choice["message"]["content"].strip() == answer
         assert choice["finish_reason"] == ("stop" if choice["token_ids"][-1] == eos else "length")
         assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] == len(choice["token_ids"])
+
+
+def test_an_answer_cut_inside_a_character_reads_as_protein_qas(reference, monkeypatch) -> None:
+    """The answer's text is decoded from its token ids as protein-qa decodes them, not taken from vLLM, whose
+    detokenizer holds back a character that max_tokens left incomplete (where protein-qa writes U+FFFD)."""
+    front = reference("dense").front
+    tokenizer = front.processor.tokenizer
+    partial = next(token for token in range(len(tokenizer)) if tokenizer.decode([token]) == "\ufffd")
+    ids = [*tokenizer.encode(" lysozyme", add_special_tokens=False), partial]
+    vllm_reply = {  # what vLLM's /v1/completions answers for such ids
+        "choices": [{"text": tokenizer.decode(ids[:-1]), "token_ids": ids, "finish_reason": "length"}],
+        "usage": {"completion_tokens": len(ids)},
+    }
+    monkeypatch.setattr(front, "post_vllm", lambda path, payload: vllm_reply)
+    reply = front.complete({"question": "Is it an enzyme ?", "protein": {"sequence": "MKV"}, "max_tokens": len(ids)})
+    assert reply["choices"][0]["message"]["content"] == tokenizer.decode(ids, skip_special_tokens=True)
+    assert reply["choices"][0]["message"]["content"].endswith("\ufffd")
+
+
+def log_probs_under_vllm(vllm_url: str, embeds: torch.Tensor, answer: list[int], table: torch.nn.Module) -> list[float]:
+    """vLLM's log-probability of each token of `answer` after the prompt embeddings `embeds` and the answer's tokens
+    before it: one prompt per prefix, all in one request (vLLM refuses `prompt_logprobs` with prompt embeddings).
+    Raw log-probs (vLLM's default `logprobs_mode`), before any logit bias; -inf for a token outside vLLM's top 5."""
+    with torch.no_grad():
+        prefixes = [torch.cat([embeds, table(torch.tensor(answer[:i], dtype=torch.long))]) for i in range(len(answer))]
+    body = {
+        "model": SERVED_NAME, "prompt_embeds": [encode_embeddings(prefix) for prefix in prefixes], "max_tokens": 1,
+        "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True,
+    }  # fmt: skip
+    request = urllib.request.Request(f"{vllm_url}/v1/completions", json.dumps(body).encode(), JSON)
+    with urllib.request.urlopen(request, timeout=120) as response:
+        choices = sorted(json.loads(response.read())["choices"], key=lambda choice: choice["index"])
+    found = []
+    for choice, token in zip(choices, answer, strict=True):
+        top = choice["logprobs"]["top_logprobs"][0]
+        found.append(top.get(f"token_id:{token}", -math.inf))
+    return found
+
+
+@torch.no_grad()
+def log_probs_under_transformers(model: SepitForConditionalGeneration, embeds: torch.Tensor, answer: list[int]):
+    """SEPIT's own log-probability of each token of `answer` after `embeds` (its LLM, one teacher-forced forward)."""
+    tokens = torch.tensor(answer, dtype=torch.long)
+    inputs = torch.cat([embeds, model.get_input_embeddings()(tokens[:-1])])[None]
+    hidden = model.model.language_model(inputs_embeds=inputs).last_hidden_state[0, len(embeds) - 1 :]
+    return model.lm_head(hidden).log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_log_probs_of_protein_qa_answers_under_vllm_agree(variant, request, reference) -> None:
+    """Where kernels differ numerically greedy answers may part at a near-tie; the log-probs of protein-qa's answers
+    under vLLM must still be SEPIT's own to LOG_PROB_TOLERANCE (benchmarks/README.md, "Serving through vLLM")."""
+    vllm_url = request.getfixturevalue(VARIANTS[variant][1]).vllm_url
+    expected = reference(variant)
+    table = expected.model.get_input_embeddings()
+    for (body, _), answer in zip(real_requests(), expected.token_ids, strict=True):
+        embeds = expected.front.embeddings(expected.front.prompt(body)[0])
+        ours = log_probs_under_transformers(expected.model, embeds, answer)
+        theirs = torch.tensor(log_probs_under_vllm(vllm_url, embeds, answer, table))
+        torch.testing.assert_close(theirs, ours, atol=LOG_PROB_TOLERANCE, rtol=0)
 
 
 def readme_requests() -> list[dict]:
@@ -196,7 +332,7 @@ def process_group(pgid: int) -> list[int]:
 
 
 def test_sigterm_stops_the_server_and_vllm(server) -> None:
-    url, vllm_pid, process, log = server
+    url, vllm_pid, process, log, _ = server
     assert vllm_pid in process_group(vllm_pid)
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0, log.read_text()[-3000:]
