@@ -19,6 +19,7 @@ SEPIT's own. Usage, from the repository root::
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -35,8 +36,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor, load_structure
-from modeling_sepit.serving import ProteinFront
-from tests.modeling_sepit.test_serving import log_probs_under_transformers, log_probs_under_vllm
+from modeling_sepit.serving import SERVED_NAME, ProteinFront, encode_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ROOT / "tests" / "fixtures" / "structures"
@@ -66,6 +66,37 @@ QUESTIONS = [
     "What is the subunit structure of <protein> ?",
 ]
 READY = re.compile(r"^sepit-serve: .* on (http://127\.0\.0\.1:\d+)/v1/chat/completions \(vLLM pid \d+ on (\S+)\)")
+
+
+def log_probs_under_vllm(vllm_url: str, embeds: torch.Tensor, answer: list[int], table: torch.nn.Module) -> list[float]:
+    """vLLM's log-probability of each token of `answer` after the prompt embeddings `embeds` and the answer's tokens
+    before it: one prompt per prefix, all in one request (vLLM refuses `prompt_logprobs` with prompt embeddings).
+    Raw log-probs (vLLM's default `logprobs_mode`), before any logit bias; -inf for a token outside vLLM's top 5."""
+    with torch.no_grad():
+        prefixes = [torch.cat([embeds, table(torch.tensor(answer[:i], dtype=torch.long))]) for i in range(len(answer))]
+    body = {
+        "model": SERVED_NAME, "prompt_embeds": [encode_embeddings(prefix) for prefix in prefixes], "max_tokens": 1,
+        "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True,
+    }  # fmt: skip
+    request = urllib.request.Request(
+        f"{vllm_url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        choices = sorted(json.loads(response.read())["choices"], key=lambda choice: choice["index"])
+    found = []
+    for choice, token in zip(choices, answer, strict=True):
+        top = choice["logprobs"]["top_logprobs"][0]
+        found.append(top.get(f"token_id:{token}", -math.inf))
+    return found
+
+
+@torch.no_grad()
+def log_probs_under_transformers(model: SepitForConditionalGeneration, embeds: torch.Tensor, answer: list[int]):
+    """SEPIT's own log-probability of each token of `answer` after `embeds` (its LLM, one teacher-forced forward)."""
+    tokens = torch.tensor(answer, dtype=torch.long)
+    inputs = torch.cat([embeds, model.get_input_embeddings()(tokens[:-1])])[None]
+    hidden = model.model.language_model(inputs_embeds=inputs).last_hidden_state[0, len(embeds) - 1 :]
+    return model.lm_head(hidden).log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def build_folder(parts: Path, folder: Path, max_protein_length: int) -> Path:

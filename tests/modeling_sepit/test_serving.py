@@ -6,7 +6,6 @@ LOG_PROB_TOLERANCE; the README's requests are answered, malformed requests get a
 good one is answered, and SIGTERM stops the server and its vLLM child."""
 
 import json
-import math
 import os
 import re
 import signal
@@ -25,8 +24,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from benchmarks.serving_throughput import log_probs_under_transformers, log_probs_under_vllm
 from modeling_sepit import SepitForConditionalGeneration, SepitProcessor
-from modeling_sepit.serving import DEFAULT_VLLM_PYTHON, SERVED_NAME, ProteinFront, encode_embeddings
+from modeling_sepit.serving import DEFAULT_VLLM_PYTHON, ProteinFront
 from tests.conftest import ROOT, STRUCTURES, read_chain
 from tests.modeling_sepit.test_export_llm import upcycled
 
@@ -229,35 +229,6 @@ def test_an_answer_cut_inside_a_character_reads_as_protein_qas(reference, monkey
     reply = front.complete({"question": "Is it an enzyme ?", "protein": {"sequence": "MKV"}, "max_tokens": len(ids)})
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(ids, skip_special_tokens=True)
     assert reply["choices"][0]["message"]["content"].endswith("\ufffd")
-
-
-def log_probs_under_vllm(vllm_url: str, embeds: torch.Tensor, answer: list[int], table: torch.nn.Module) -> list[float]:
-    """vLLM's log-probability of each token of `answer` after the prompt embeddings `embeds` and the answer's tokens
-    before it: one prompt per prefix, all in one request (vLLM refuses `prompt_logprobs` with prompt embeddings).
-    Raw log-probs (vLLM's default `logprobs_mode`), before any logit bias; -inf for a token outside vLLM's top 5."""
-    with torch.no_grad():
-        prefixes = [torch.cat([embeds, table(torch.tensor(answer[:i], dtype=torch.long))]) for i in range(len(answer))]
-    body = {
-        "model": SERVED_NAME, "prompt_embeds": [encode_embeddings(prefix) for prefix in prefixes], "max_tokens": 1,
-        "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True,
-    }  # fmt: skip
-    request = urllib.request.Request(f"{vllm_url}/v1/completions", json.dumps(body).encode(), JSON)
-    with urllib.request.urlopen(request, timeout=120) as response:
-        choices = sorted(json.loads(response.read())["choices"], key=lambda choice: choice["index"])
-    found = []
-    for choice, token in zip(choices, answer, strict=True):
-        top = choice["logprobs"]["top_logprobs"][0]
-        found.append(top.get(f"token_id:{token}", -math.inf))
-    return found
-
-
-@torch.no_grad()
-def log_probs_under_transformers(model: SepitForConditionalGeneration, embeds: torch.Tensor, answer: list[int]):
-    """SEPIT's own log-probability of each token of `answer` after `embeds` (its LLM, one teacher-forced forward)."""
-    tokens = torch.tensor(answer, dtype=torch.long)
-    inputs = torch.cat([embeds, model.get_input_embeddings()(tokens[:-1])])[None]
-    hidden = model.model.language_model(inputs_embeds=inputs).last_hidden_state[0, len(embeds) - 1 :]
-    return model.lm_head(hidden).log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
