@@ -530,7 +530,10 @@ class AnnotateArguments:
         metadata={"help": "Proteins answered together (per process), all questions each; with --server, in flight."},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Length limit of each answer."})
-    dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto (the checkpoint's own, transformers' default), float32, bfloat16."},
+    )
     device: str = field(
         default="cpu", metadata={"help": "Device to generate on; cuda under several processes: one GPU each."}
     )
@@ -551,7 +554,7 @@ class AnnotateArguments:
         check_generation_settings(None, self.batch_size, self.max_new_tokens)
         check_device(self.device)
         if self.server is not None:
-            if (self.dtype, self.device) != ("float32", "cpu"):
+            if (self.dtype, self.device) != ("auto", "cpu"):
                 raise ValueError("dtype/device: with --server the server's own apply; give --dtype to sepit-serve")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError(

@@ -100,7 +100,10 @@ class EvaluationArguments:
         default="corpus",
         metadata={"help": f"How answers are scored: one of {list(PROTOCOLS)} (sepit: as the paper's script)."},
     )
-    dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto (the checkpoint's own, transformers' default), float32, bfloat16."},
+    )
     device: str = field(default="cpu", metadata={"help": "Device to generate on (cuda on a GPU machine)."})
     overwrite: bool = field(
         default=False, metadata={"help": "Replace output_dir even if it holds something else than an evaluation."}

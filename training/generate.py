@@ -64,7 +64,10 @@ class GenerationArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Answer only the first N questions."})
     batch_size: int = field(default=8, metadata={"help": "Questions generated together (per process)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Length limit of each answer."})
-    dtype: str = field(default="float32", metadata={"help": "Weights' dtype (bfloat16 on a GPU)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto (the checkpoint's own, transformers' default), float32, bfloat16."},
+    )
     device: str = field(
         default="cpu", metadata={"help": "Device to generate on; cuda under several processes: one GPU each."}
     )
