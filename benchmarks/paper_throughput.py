@@ -329,7 +329,11 @@ def table(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --parts PARTS --stage {1,2} --record FILE [--name value ...]",
+    )
     parser.add_argument("--parts", required=True, help="Folder with protein_model/ and language_model/.")
     parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
     parser.add_argument("--record", required=True, help="JSON-lines file the steps are appended to.")
