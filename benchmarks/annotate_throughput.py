@@ -20,21 +20,16 @@ its answers are compared with `annotate`'s. Usage, from the repository root::
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from transformers import pipeline
 
-from benchmarks.serving_throughput import READY, build_folder
+from benchmarks.serving_throughput import build_folder, sepit_serve
 from dataset_card.annotation import (
     DEFAULT_QUESTIONS,
     QUESTION_TYPES,
@@ -62,27 +57,6 @@ def pipeline_loop(asker, proteins, questions: dict[str, str], max_new_tokens: in
     return answers
 
 
-@contextmanager
-def sepit_serve(folder: Path, log: Path) -> Iterator[str]:
-    """The base URL of a sepit-serve of `folder` (fp32, vLLM as the serving tests start it), stopped on exit."""
-    command = [
-        sys.executable, "-m", "modeling_sepit.serving", "--model_name_or_path", str(folder), "--port", "0",
-        "--dtype", "float32", "--vllm_args", "--max-model-len 512 --enforce-eager",
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    with log.open("w") as output:
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        while not (found := [m for line in log.read_text().splitlines() if (m := READY.match(line))]):
-            if server.poll() is not None:
-                raise SystemExit(f"sepit-serve exited {server.returncode}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield found[0][1]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         usage="%(prog)s --parts PARTS [--name value ...]",
@@ -104,7 +78,7 @@ def main() -> None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             folder = build_folder(Path(args.parts), workdir, args.max_protein_length)
             start = time.perf_counter()
-            url = stack.enter_context(sepit_serve(folder, workdir / "serve.log"))
+            url = stack.enter_context(sepit_serve(folder, workdir / "serve.log"))[1]
             print(f"sepit-serve started in {time.perf_counter() - start:.1f} s")
         run(args, url if args.vllm else None, folder if args.vllm else None)
 

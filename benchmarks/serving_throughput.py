@@ -29,7 +29,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -147,6 +149,28 @@ def parity(
     return margin, difference
 
 
+@contextmanager
+def sepit_serve(folder: Path, log: Path) -> Iterator[re.Match]:
+    """The ready line of a sepit-serve of `folder` (fp32, vLLM as the serving tests start it; group 1: its base URL,
+    2: vLLM's), stopped on exit."""
+    command = [
+        sys.executable, "-m", "modeling_sepit.serving", "--model_name_or_path", str(folder), "--port", "0",
+        "--dtype", "float32", "--vllm_args", "--max-model-len 512 --enforce-eager",
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        while not (found := [m for line in log.read_text().splitlines() if (m := READY.match(line))]):
+            if server.poll() is not None:
+                raise SystemExit(f"sepit-serve exited {server.returncode}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield found[0]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", required=True, help="Folder of training/build_tiny_parts.py")
@@ -160,22 +184,10 @@ def main() -> None:
         folder = build_folder(Path(args.parts), Path(workdir), args.max_protein_length)
         model = SepitForConditionalGeneration.from_pretrained(folder).eval()
         asker = pipeline("protein-qa", model=model, processor=SepitProcessor.from_pretrained(folder))
-        log = Path(workdir) / "serve.log"
-        command = [
-            sys.executable, "-m", "modeling_sepit.serving", "--model_name_or_path", str(folder), "--port", "0",
-            "--dtype", "float32", "--vllm_args", "--max-model-len 512 --enforce-eager",
-        ]  # fmt: skip
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         start = time.perf_counter()
-        with log.open("w") as output:
-            server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            while not (found := [m for line in log.read_text().splitlines() if (m := READY.match(line))]):
-                if server.poll() is not None:
-                    raise SystemExit(f"sepit-serve exited {server.returncode}:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        with sepit_serve(folder, Path(workdir) / "serve.log") as ready:
             startup = time.perf_counter() - start
-            url, vllm_url = found[0][1], found[0][2]
+            url, vllm_url = ready[1], ready[2]
             settings = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
 
             def run_server() -> list[str]:
@@ -206,9 +218,6 @@ def main() -> None:
                 full = asker(request, **settings, return_tensors=True)[0]["generated_token_ids"]
                 loop_ids.append(full[prompt_length:])
             margin, difference = parity(model, front, vllm_url, bodies, loop_ids)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(120)
     config = model.config
     print(
         f"{len(requests)} requests ({len(PROTEINS)} proteins, 2 with structure, x {len(QUESTIONS)} questions); ESM/LLM "
