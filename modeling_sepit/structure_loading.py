@@ -127,9 +127,11 @@ def _is_cif(path: Path) -> bool:
 
 def file_kind(path: str | os.PathLike, noun: str = "file") -> str:
     """'file' (a regular file, or a link to one), 'folder', or why `path` is neither, for a message: no such `noun`,
-    a broken link, a link loop, or a named pipe or device (reading one blocks, or never ends)."""
+    a broken link, a link loop, a named pipe or device (reading one blocks, or never ends), or a NUL in the name."""
     try:
         mode = os.stat(path).st_mode
+    except ValueError:  # os.stat refuses a NUL character before asking the OS
+        return f"not a {noun} path (it contains a NUL character)"
     except OSError as error:
         if error.errno == errno.ELOOP:
             return "a symbolic link loop (the link leads back to itself), not a file"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import load_file, save_file
@@ -637,6 +637,8 @@ def odd_proteins(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(protein=odd_proteins())
+@example(protein={"structure": "\x00"})  # os.stat raises ValueError("embedded null byte"), found by CI
+@example(protein={"structure": "a\x00b.pdb", "chain": "A"})
 def test_processor_on_proteins_of_random_types_runs_or_names_the_field(processor, protein):
     try:
         out = processor(text=Q, proteins=[protein])
