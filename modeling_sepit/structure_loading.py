@@ -127,9 +127,11 @@ def _is_cif(path: Path) -> bool:
 
 def file_kind(path: str | os.PathLike, noun: str = "file") -> str:
     """'file' (a regular file, or a link to one), 'folder', or why `path` is neither, for a message: no such `noun`,
-    a broken link, a link loop, a named pipe or device (reading one blocks, or never ends), or a NUL in the name."""
+    a broken link, a link loop, a pipe or device (reading one blocks, or never ends), or a name no file can have."""
     try:
         mode = os.stat(path).st_mode
+    except UnicodeEncodeError:  # a lone surrogate, which no file name can hold
+        return f"not a {noun} path (it holds a character the file system cannot encode)"
     except ValueError:  # os.stat refuses a NUL character before asking the OS
         return f"not a {noun} path (it contains a NUL character)"
     except OSError as error:

@@ -639,6 +639,7 @@ def odd_proteins(draw):
 @given(protein=odd_proteins())
 @example(protein={"structure": "\x00"})  # os.stat raises ValueError("embedded null byte"), found by CI
 @example(protein={"structure": "a\x00b.pdb", "chain": "A"})
+@example(protein="\ud800/x.pdb")  # a lone surrogate: os.stat raises UnicodeEncodeError
 def test_processor_on_proteins_of_random_types_runs_or_names_the_field(processor, protein):
     try:
         out = processor(text=Q, proteins=[protein])
