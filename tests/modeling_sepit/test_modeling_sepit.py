@@ -93,6 +93,33 @@ def test_batch_of_one_equals_batch_of_three(model, real_proteins, protein_tokeni
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", [1, 2])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_cpu_inference_encodes_in_length_sorted_calls_with_the_one_call_features(
+    real_proteins, protein_tokenizer, pooling, padding_side
+):
+    """Six proteins (2 x 131, 2 x 53, 2 x 28 positions: 786 padded) exceed CPU_ENCODER_POSITIONS, so inference splits
+    them into two calls cut to their own width; training (gradients on) keeps the one padded call. Same features, in
+    the same protein order, either padding side, with coordinates and pooling."""
+    torch.manual_seed(0)
+    sepit = SepitForConditionalGeneration(tiny_config(protein_pooling=pooling)).eval()
+    proteins = [real_proteins[i] for i in (0, 1, 2, 2, 1, 0)]
+    batch = protein_batch(proteins, protein_tokenizer)
+    if padding_side == "left":  # the same proteins, padding moved to the front
+        width = batch["protein_attention_mask"].shape[1]
+        shifts = width - batch["protein_attention_mask"].sum(-1)
+        batch = {k: torch.stack([v[i].roll(int(s), 0) for i, s in enumerate(shifts)]) for k, v in batch.items()}
+    assert sepit.model._encoder_calls(batch["protein_attention_mask"]) is None  # gradients on: one call
+    one_call = sepit.model.get_protein_features(**batch).detach()
+    with torch.no_grad():
+        assert sepit.model._encoder_calls(batch["protein_attention_mask"]) == [[2, 3, 1, 4], [0, 5]]
+        split = sepit.model.get_protein_features(**batch, return_dict=True).pooler_output
+        with mock.patch("modeling_sepit.modeling_sepit.CPU_ENCODER_POSITIONS", 10**6):
+            assert sepit.model._encoder_calls(batch["protein_attention_mask"]) is None
+    assert [len(f) for f in split] == [-(-n // pooling) for n in batch["protein_attention_mask"].sum(-1).tolist()]
+    torch.testing.assert_close(torch.cat(split), one_call, atol=1e-5, rtol=1e-5)
+
+
 def test_forward_splices_features_and_keeps_length(model, real_proteins, protein_tokenizer):
     batch = protein_batch(real_proteins, protein_tokenizer)
     ids, mask = pad(prompt_ids(feature_counts(batch)), "right")
