@@ -376,16 +376,16 @@ class SepitModel(SepitPreTrainedModel):
         calls = self._encoder_calls(protein_attention_mask)
         if calls is None:
             return self._encode_in_one_call(protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
-        per_protein: dict[int, torch.Tensor] = {}
+        counts = self._protein_token_counts(protein_input_ids, protein_attention_mask).tolist()
+        pieces: list[torch.Tensor | None] = [None] * len(counts)
         for call in calls:
             rows = torch.tensor(call, device=protein_input_ids.device)
             columns = protein_attention_mask[rows].bool().any(0)  # the call's own width, either padding side
-            mask = protein_attention_mask[rows][:, columns]
-            inputs = [None if t is None else t[rows][:, columns] for t in (protein_coords, coords_mask)]
-            features = self._encode_in_one_call(protein_input_ids[rows][:, columns], mask, *inputs)
-            counts = self._protein_token_counts(protein_input_ids[rows], mask)
-            per_protein.update(zip(call, features.split(counts.tolist()), strict=True))
-        return torch.cat([per_protein[index] for index in range(len(per_protein))])
+            tensors = (protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
+            features = self._encode_in_one_call(*(None if t is None else t[rows][:, columns] for t in tensors))
+            for index, piece in zip(call, features.split([counts[i] for i in call]), strict=True):
+                pieces[index] = piece
+        return torch.cat(pieces)
 
     def _encode_in_one_call(
         self,
