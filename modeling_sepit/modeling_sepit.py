@@ -378,10 +378,10 @@ class SepitModel(SepitPreTrainedModel):
             return self._encode_in_one_call(protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
         counts = self._protein_token_counts(protein_input_ids, protein_attention_mask).tolist()
         pieces: list[torch.Tensor | None] = [None] * len(counts)
+        tensors = (protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
         for call in calls:
             rows = torch.tensor(call, device=protein_input_ids.device)
             columns = protein_attention_mask[rows].bool().any(0)  # the call's own width, either padding side
-            tensors = (protein_input_ids, protein_attention_mask, protein_coords, coords_mask)
             features = self._encode_in_one_call(*(None if t is None else t[rows][:, columns] for t in tensors))
             for index, piece in zip(call, features.split([counts[i] for i in call]), strict=True):
                 pieces[index] = piece
