@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import platform
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
@@ -182,7 +184,9 @@ def check_training_run(
 ) -> None:
     """The arguments of a trainer script that the Trainer would refuse only mid-run: `output_dir` (see
     `check_output_path`: it may not replace what the command did not write, nor touch an input), the resume point
-    (`true` needs a checkpoint in `output_dir`; a path must be a checkpoint folder) and `max_train_samples`."""
+    (`true` needs a checkpoint in `output_dir`; a path must be a checkpoint folder) and `max_train_samples`; also
+    warns when bf16 on this CPU would be emulated (`warn_emulated_bf16`)."""
+    warn_emulated_bf16(training_args)
     if max_train_samples is not None and max_train_samples < 1:
         raise ValueError(f"max_train_samples must be >= 1 (or unset for every row), got {max_train_samples}")
     output_dir = check_output_path(training_args.output_dir, writer, inputs, overwrite)
@@ -200,6 +204,26 @@ def check_training_run(
         raise ValueError(
             f"resume_from_checkpoint: {resume} {what}; give a checkpoint-N folder of an earlier run, or true for the "
             "newest in output_dir"
+        )
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX); None where it cannot be told (not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def warn_emulated_bf16(training_args: TrainingArguments) -> None:
+    """bf16 autocast trains the SmolLM2 preset 1.5x faster on a CPU with bf16 instructions (benchmarks/README.md), but
+    on one without them PyTorch emulates bf16 and the run is slower than float32: say so, with the fix, rather than
+    let a recipe's `bf16: true` cost time silently."""
+    on_cpu = training_args.use_cpu or not torch.accelerator.is_available()
+    if training_args.bf16 and on_cpu and cpu_has_bf16() is False:
+        warnings.warn(
+            "bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so PyTorch emulates bf16 autocast and "
+            "training runs slower than in float32; pass --bf16 false",
+            stacklevel=2,
         )
 
 
